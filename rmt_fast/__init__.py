@@ -1,0 +1,7 @@
+"""rmt_fast: Recurrent Memory Transformer inference over very long inputs, fast and in fixed memory."""
+from .config import RMTConfig
+from .inputs import InvalidDocumentsError
+from .model import RMTForSequenceClassification, RMTOutput
+
+__version__ = "0.1.0"
+__all__ = ["RMTConfig", "RMTForSequenceClassification", "RMTOutput", "InvalidDocumentsError", "__version__"]

@@ -1,0 +1,135 @@
+"""RMTForSequenceClassification: the reference's recurrent-memory classifier in plain PyTorch.
+
+This module is the readable statement of the math and the training path; the fast engine
+(``rmt_fast.engine``) compiles it into an inference plan and never changes it.
+
+The memory enters in exactly one place, ``segment_step``: the rows 1..M of the word-embedding output
+are replaced by the current memory before BertEmbeddings adds position and token-type embeddings and
+applies its LayerNorm; the new memory is the last layer's output at those rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import segmentation
+from .config import RMTConfig
+from .inputs import as_documents
+
+
+@dataclass
+class RMTOutput:
+    logits: torch.Tensor                 # [B, num_labels], from each document's last segment
+    loss: Optional[torch.Tensor] = None
+    memory: Optional[torch.Tensor] = None  # [B, M, H], the memory after the last segment
+
+
+class RMTForSequenceClassification(nn.Module):
+    """A Hugging Face BERT-family ``*ForSequenceClassification`` wrapped with recurrent memory.
+
+    Attribute and buffer names follow the reference implementation, so its state-dict keys
+    (``model.bert.*``, ``model.classifier.*``, ``cls_token``, ``sep_token``, ``mem_token_ids``) load as they are.
+    """
+
+    def __init__(self, config: RMTConfig, backbone: nn.Module):
+        super().__init__()
+        bconf = backbone.config
+        expected_vocab = config.vocab_size + config.num_mem_tokens
+        if bconf.vocab_size != expected_vocab:
+            raise ValueError(
+                f"backbone vocab_size is {bconf.vocab_size}, expected {config.vocab_size} tokenizer ids + "
+                f"{config.num_mem_tokens} memory tokens = {expected_vocab}; build it with "
+                f"RMTForSequenceClassification.from_backbone, which resizes the embeddings")
+        if bconf.num_labels != config.num_labels:
+            raise ValueError(f"backbone has {bconf.num_labels} labels, RMTConfig says {config.num_labels}")
+        if bconf.max_position_embeddings < config.input_size:
+            raise ValueError(f"input_size {config.input_size} exceeds the backbone's "
+                             f"max_position_embeddings {bconf.max_position_embeddings}")
+        self.config = config
+        self.model = backbone
+        self.register_buffer("cls_token", torch.tensor([config.cls_token_id]))
+        self.register_buffer("sep_token", torch.tensor([config.sep_token_id]))
+        self.register_buffer("mem_token_ids", torch.arange(config.vocab_size, expected_vocab))
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_backbone(cls, backbone: nn.Module, **rmt_kwargs) -> "RMTForSequenceClassification":
+        """Wrap a pretrained classifier whose vocabulary is the tokenizer's: adds the memory rows."""
+        vocab = backbone.config.vocab_size
+        config = RMTConfig(vocab_size=vocab, num_labels=backbone.config.num_labels, **rmt_kwargs)
+        backbone.resize_token_embeddings(vocab + config.num_mem_tokens)
+        return cls(config, backbone)
+
+    @classmethod
+    def from_configs(cls, config: RMTConfig, backbone_config) -> "RMTForSequenceClassification":
+        """A randomly initialised model: ``backbone_config`` is a transformers config of the base vocabulary."""
+        from transformers import AutoModelForSequenceClassification
+
+        bconf = backbone_config.__class__.from_dict(backbone_config.to_dict())
+        bconf.vocab_size = config.vocab_size + config.num_mem_tokens
+        bconf.num_labels = config.num_labels
+        bconf._attn_implementation = "eager"
+        return cls(config, AutoModelForSequenceClassification.from_config(bconf, attn_implementation="eager"))
+
+    # -- pieces -----------------------------------------------------------------------------------
+    @property
+    def bert(self) -> nn.Module:
+        return self.model.base_model
+
+    def initial_memory(self) -> torch.Tensor:
+        """[M, H]: the trained memory-token rows of the word embeddings."""
+        return self.model.get_input_embeddings()(self.mem_token_ids)
+
+    def segment_step(self, ids: torch.Tensor, memory: torch.Tensor, output_attentions: bool = False):
+        """One segment for a batch. ids: [B, T] laid out segments; memory: [B, M, H].
+
+        Returns (logits [B, num_labels], new memory [B, M, H], attentions or None).
+        """
+        M = self.config.num_mem_tokens
+        words = self.model.get_input_embeddings()(ids)                        # [B, T, H]
+        words = torch.cat([words[:, :1], memory.to(words.dtype), words[:, M + 1:]], dim=1)
+        out = self.model(inputs_embeds=words, attention_mask=(ids != self.config.pad_token_id).long(),
+                         output_hidden_states=True, output_attentions=output_attentions)
+        new_memory = out.hidden_states[-1][:, 1:M + 1]
+        return out.logits, new_memory, (out.attentions if output_attentions else None)
+
+    # -- the whole recurrence ---------------------------------------------------------------------
+    def forward(self, input_ids, labels: Optional[torch.Tensor] = None) -> RMTOutput:
+        """input_ids: [B, L] int tensor or a list of 1-D id sequences (special ids are removed anyway).
+
+        Documents are right-aligned in steps, as in the reference: a shorter document starts later
+        and every document ends on the last step.
+        """
+        cfg = self.config
+        docs = segmentation.clean_and_truncate(as_documents(input_ids, cfg), cfg)
+        empty = (docs.lengths == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"documents {empty} have no tokens left after removing special ids; "
+                             "the reference gives them no segment and no logits")
+        segs = segmentation.cut(docs, cfg)
+        device = self.mem_token_ids.device
+        n_steps = int(segs.count.max())
+        step_of = n_steps - segs.count[segs.doc] + segs.index            # right-aligned step of each segment
+        B = len(docs)
+        memory = self.initial_memory().unsqueeze(0).expand(B, -1, -1)
+        losses, logits = [], None
+        for step in range(n_steps):
+            sel = (step_of == step).nonzero().flatten()
+            active = segs.doc[sel]
+            ids = segmentation.layout(docs.tokens, segs.start[sel], segs.length[sel], cfg).to(device)
+            mem_in = memory[active.to(device)]
+            if cfg.bptt_depth != -1 and step < n_steps - cfg.bptt_depth:
+                mem_in = mem_in.detach()
+            step_logits, new_mem, _ = self.segment_step(ids, mem_in)
+            memory = memory.index_copy(0, active.to(device), new_mem.to(memory.dtype))
+            if labels is not None:
+                losses.append(F.cross_entropy(step_logits, labels.to(device)[active.to(device)]))
+            logits = step_logits
+        loss = None
+        if labels is not None:
+            loss = torch.stack(losses).sum() if cfg.sum_loss else losses[-1]
+        return RMTOutput(logits=logits, loss=loss, memory=memory)
