@@ -133,3 +133,20 @@ class RMTForSequenceClassification(nn.Module):
         if labels is not None:
             loss = torch.stack(losses).sum() if cfg.sum_loss else losses[-1]
         return RMTOutput(logits=logits, loss=loss, memory=memory)
+
+    # -- checkpoints (rmt_fast.checkpoints does the work) ----------------------------------------
+    @classmethod
+    def from_reference_checkpoint(cls, path, backbone_config, **kwargs) -> "RMTForSequenceClassification":
+        """The reference's ``model_best.pth``; see ``rmt_fast.checkpoints.from_reference_checkpoint``."""
+        from .checkpoints import from_reference_checkpoint
+        return from_reference_checkpoint(path, backbone_config, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, directory) -> "RMTForSequenceClassification":
+        """A directory written by ``save_pretrained`` (safetensors + JSON)."""
+        from .checkpoints import from_pretrained
+        return from_pretrained(directory)
+
+    def save_pretrained(self, directory) -> None:
+        from .checkpoints import save_pretrained
+        save_pretrained(self, directory)
