@@ -1,0 +1,150 @@
+"""The model turned into an inference plan: fused QKV weights, a pruned last layer, one dtype.
+
+A plan holds plain tensors, not modules, and computes one segment step for a batch:
+embed (memory injected at rows 1..M) -> layers -> last layer on the rows that are read only
+([CLS] and the memory rows) -> new memory and logits.
+
+Precision: matmuls and attention run in the plan's dtype. The embedding sum and its LayerNorm run
+in float32 from float32 tables, and the memory state is carried in float32 between segments (the
+last layer's memory rows are rounded to the compute dtype once, then up-cast), so rounding does not
+compound through the embedding of thousands of segments.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..model import RMTForSequenceClassification
+from . import backends
+
+
+@dataclass
+class LayerWeights:
+    qkv_w: torch.Tensor   # [3H, H]
+    qkv_b: torch.Tensor   # [3H]
+    out_w: torch.Tensor
+    out_b: torch.Tensor
+    ln1_w: torch.Tensor
+    ln1_b: torch.Tensor
+    ffn_in_w: torch.Tensor
+    ffn_in_b: torch.Tensor
+    ffn_out_w: torch.Tensor
+    ffn_out_b: torch.Tensor
+    ln2_w: torch.Tensor
+    ln2_b: torch.Tensor
+
+
+def _check_supported(model: RMTForSequenceClassification) -> None:
+    bconf = model.model.config
+    problems = []
+    if getattr(bconf, "position_embedding_type", "absolute") != "absolute":
+        problems.append(f"position_embedding_type={bconf.position_embedding_type!r} (only 'absolute')")
+    if getattr(bconf, "is_decoder", False):
+        problems.append("is_decoder=True")
+    bert = model.bert
+    if not all(hasattr(bert, a) for a in ("embeddings", "encoder")) or getattr(bert, "pooler", None) is None:
+        problems.append(f"{type(bert).__name__} is not a BERT-style encoder with a pooler")
+    if problems:
+        raise ValueError("the engine supports BERT-family backbones only: " + "; ".join(problems))
+
+
+class InferencePlan:
+    """Weights of ``model`` laid out for fast inference on ``device`` in ``dtype``."""
+
+    def __init__(self, model: RMTForSequenceClassification, device: torch.device, dtype: torch.dtype,
+                 attention: str = "auto"):
+        _check_supported(model)
+        self.config = model.config
+        self.device, self.dtype, self.attention = device, dtype, attention
+        bconf = model.model.config
+        self.num_heads = bconf.num_attention_heads
+        self.hidden = bconf.hidden_size
+        self.head_dim = self.hidden // self.num_heads
+        self.eps = bconf.layer_norm_eps
+        from transformers.activations import ACT2FN
+        self.act = ACT2FN[bconf.hidden_act]
+
+        def f32(t):
+            return t.detach().to(device=device, dtype=torch.float32).contiguous()
+
+        def low(t):
+            return t.detach().to(device=device, dtype=dtype).contiguous()
+
+        emb = model.bert.embeddings
+        self.word_emb = f32(emb.word_embeddings.weight)
+        self.pos_emb = f32(emb.position_embeddings.weight)
+        self.type_emb0 = f32(emb.token_type_embeddings.weight[0])
+        self.emb_ln_w, self.emb_ln_b = f32(emb.LayerNorm.weight), f32(emb.LayerNorm.bias)
+        with torch.no_grad():
+            self.initial_memory = f32(model.initial_memory())                            # [M, H]
+
+        self.layers: List[LayerWeights] = []
+        for layer in model.bert.encoder.layer:
+            sa, ao = layer.attention.self, layer.attention.output
+            self.layers.append(LayerWeights(
+                qkv_w=low(torch.cat([sa.query.weight, sa.key.weight, sa.value.weight])),
+                qkv_b=low(torch.cat([sa.query.bias, sa.key.bias, sa.value.bias])),
+                out_w=low(ao.dense.weight), out_b=low(ao.dense.bias),
+                ln1_w=low(ao.LayerNorm.weight), ln1_b=low(ao.LayerNorm.bias),
+                ffn_in_w=low(layer.intermediate.dense.weight), ffn_in_b=low(layer.intermediate.dense.bias),
+                ffn_out_w=low(layer.output.dense.weight), ffn_out_b=low(layer.output.dense.bias),
+                ln2_w=low(layer.output.LayerNorm.weight), ln2_b=low(layer.output.LayerNorm.bias)))
+        self.pooler_w, self.pooler_b = low(model.bert.pooler.dense.weight), low(model.bert.pooler.dense.bias)
+        classifier = model.model.classifier
+        self.cls_w, self.cls_b = low(classifier.weight), low(classifier.bias)
+        self._chosen: dict = {}
+
+    # -- pieces -----------------------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """ids: [B, T] int64; memory: [B, M, H] float32 -> [B, T, H] in the plan's dtype."""
+        M = self.config.num_mem_tokens
+        x = self.word_emb[ids]
+        x[:, 1:M + 1] = memory
+        x += self.pos_emb[:ids.shape[1]] + self.type_emb0
+        return F.layer_norm(x, (self.hidden,), self.emb_ln_w, self.emb_ln_b, self.eps).to(self.dtype)
+
+    def _attend(self, q, k, v, key_lengths):
+        key = (q.shape[1], key_lengths is None)
+        name = self._chosen.get(key)
+        if name is None:
+            name = self._chosen[key] = backends.select(self.attention, q, k, v, key_lengths)
+        return backends.attention(name, q, k, v, key_lengths)
+
+    def _finish_layer(self, w: LayerWeights, attn, residual):
+        h = F.layer_norm(F.linear(attn, w.out_w, w.out_b) + residual, (self.hidden,), w.ln1_w, w.ln1_b, self.eps)
+        f = F.linear(self.act(F.linear(h, w.ffn_in_w, w.ffn_in_b)), w.ffn_out_w, w.ffn_out_b)
+        return F.layer_norm(f + h, (self.hidden,), w.ln2_w, w.ln2_b, self.eps)
+
+    def layer(self, w: LayerWeights, x, key_lengths):
+        B, T, _ = x.shape
+        qkv = F.linear(x, w.qkv_w, w.qkv_b).view(B, T, 3, self.num_heads, self.head_dim)
+        attn = self._attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_lengths)
+        return self._finish_layer(w, attn, x)
+
+    def last_layer(self, w: LayerWeights, x, key_lengths, rows: int):
+        """The last layer for the first ``rows`` query rows only; keys and values over the whole block."""
+        B, T, H = x.shape
+        q = F.linear(x[:, :rows], w.qkv_w[:H], w.qkv_b[:H]).view(B, rows, self.num_heads, self.head_dim)
+        kv = F.linear(x, w.qkv_w[H:], w.qkv_b[H:]).view(B, T, 2, self.num_heads, self.head_dim)
+        attn = self._attend(q, kv[:, :, 0], kv[:, :, 1], key_lengths)
+        return self._finish_layer(w, attn, x[:, :rows])
+
+    # -- one step ---------------------------------------------------------------------------------
+    def step(self, ids: torch.Tensor, memory: torch.Tensor, key_lengths: Optional[torch.Tensor]):
+        """One segment for a batch.
+
+        ids: [B, T] int64; memory: [B, M, H] float32; key_lengths: [B] int64, or None when no segment
+        in the batch has padding. Returns (logits [B, num_labels] float32, new memory [B, M, H] in the
+        plan's dtype).
+        """
+        M = self.config.num_mem_tokens
+        x = self.embed(ids, memory)
+        for w in self.layers[:-1]:
+            x = self.layer(w, x, key_lengths)
+        read = self.last_layer(self.layers[-1], x, key_lengths, rows=M + 1)             # [B, 1 + M, H]
+        pooled = torch.tanh(F.linear(read[:, 0], self.pooler_w, self.pooler_b))
+        logits = F.linear(pooled, self.cls_w, self.cls_b).float()
+        return logits, read[:, 1:]
