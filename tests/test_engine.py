@@ -1,0 +1,124 @@
+"""The Engine against the oracle: float32 logits within 1e-4, at segment boundaries, every alignment."""
+import copy
+
+import pytest
+import torch
+
+from helpers import bert_base_cased_config, make_model, oracle, random_docs, tiny_model
+from rmt_fast import Engine, InvalidDocumentsError
+
+BOUNDARY_LENGTHS = [1, 2, 498, 499, 500, 997, 998, 999, 4990]
+
+
+@pytest.fixture(scope="module")
+def bert2():
+    """A 2-layer model of bert-base-cased's shape (hidden 768, 12 heads, vocab 28996 + 10 memory rows)."""
+    torch.manual_seed(1234)
+    return make_model(bert_base_cased_config(num_layers=2), num_mem_tokens=10, input_size=512)
+
+
+@pytest.mark.parametrize("alignment", ["right", "left", "center"])
+def test_engine_matches_oracle_at_segment_boundaries(bert2, alignment):
+    model = copy.copy(bert2)  # shares the weights; only the alignment differs
+    model.config = bert2.config.replace(segment_alignment=alignment)
+    docs = random_docs(BOUNDARY_LENGTHS, bert2.config.vocab_size)
+    want = torch.stack([oracle(model, d) for d in docs])
+    got = Engine(model).classify(docs, batch_size=4)           # one batch mixing every length
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert (got.double() - want).abs().max() <= 1e-4
+    assert want.std(0).max() > 1e-2, "logits barely depend on the input: the comparison would be vacuous"
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
+def test_every_attention_backend_matches_oracle(bert2, attention):
+    docs = random_docs([7, 620], bert2.config.vocab_size)
+    want = torch.stack([oracle(bert2, d) for d in docs])
+    got = Engine(bert2, attention=attention).classify(docs, batch_size=2)
+    assert (got.double() - want).abs().max() <= 1e-4
+
+
+def test_memory_carries_information_across_segments(bert2):
+    """Changing only the first segment must change the last segment's logits."""
+    doc = random_docs([1200], bert2.config.vocab_size)[0]
+    other = doc.clone()
+    other[:100] = torch.randint(103, bert2.config.vocab_size, (100,))
+    a, b = Engine(bert2).classify([doc, other], batch_size=2)
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_batch_invariance_and_slot_reuse():
+    model = tiny_model()
+    docs = random_docs([5, 90, 1, 18, 19, 37, 200, 3, 18 * 7], 60, low=3)
+    alone = torch.stack([Engine(model).classify([d])[0] for d in docs])
+    for batch_size in (2, 3, 16):
+        together = Engine(model).classify(docs, batch_size=batch_size)
+        assert (together - alone).abs().max() <= 1e-5
+    want = torch.stack([oracle(model, d) for d in docs])
+    assert (alone.double() - want).abs().max() <= 1e-4
+
+
+def test_max_n_segments_truncation_keeps_head():
+    model = tiny_model(max_n_segments=2)
+    docs = random_docs([100, 36, 37], 60, low=3)
+    with pytest.warns(UserWarning, match="max_n_segments"):
+        got = Engine(model).classify(docs, batch_size=2)
+    want = torch.stack([oracle(model, d) for d in docs])
+    assert (got.double() - want).abs().max() <= 1e-4
+
+
+def test_float64_oracle_agrees(bert2):
+    doc = random_docs([530], bert2.config.vocab_size)[0]
+    want = oracle(bert2, doc, dtype=torch.float64)
+    got = Engine(bert2).classify([doc])[0]
+    assert (got.double() - want).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.08), (torch.float16, 0.02)])
+def test_low_precision_against_float32(bert2, dtype, tol):
+    """Stated tolerance: max abs logit difference to float32 <= tol (logits here have std ~0.5)."""
+    docs = random_docs([10, 998, 1600], bert2.config.vocab_size)
+    ref = Engine(bert2).classify(docs, batch_size=3)
+    got = Engine(bert2, dtype=dtype).classify(docs, batch_size=3)
+    assert torch.isfinite(got).all()
+    assert (got - ref).abs().max() <= tol
+    assert (got.argmax(1) == ref.argmax(1)).all()
+
+
+def test_empty_documents():
+    model = tiny_model()
+    docs = [torch.tensor([5, 6, 7]), torch.tensor([0, 1, 2, 0]), torch.tensor([], dtype=torch.int64)]
+    with pytest.raises(InvalidDocumentsError) as e:
+        Engine(model).classify(docs)
+    assert set(e.value.problems) == {1, 2} and "empty" in str(e.value)
+    got = Engine(model).classify(docs, empty="special")
+    want = torch.stack([oracle(model, d, empty_as_special=True) for d in docs])
+    assert (got.double() - want).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("doc,message", [
+    (torch.tensor([5, 60, 7]), "collides with the memory-token ids"),
+    (torch.tensor([5, 63]), "outside the vocabulary"),
+    (torch.tensor([5, -1]), "outside the vocabulary"),
+    (torch.tensor([5.0, 6.0]), "must be integers"),
+    (torch.tensor([True, False]), "must be integers"),
+    (torch.tensor([[5, 6]]), "1-D"),
+    ([5, "a"], "Python ints"),
+])
+def test_bad_documents_are_named(doc, message):
+    model = tiny_model()
+    with pytest.raises(InvalidDocumentsError, match=message) as e:
+        Engine(model).classify([torch.tensor([4, 5]), doc])
+    assert list(e.value.problems) == [1]
+
+
+def test_missing_device_and_bad_options():
+    model = tiny_model()
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA GPU"):
+            Engine(model, device="cuda")
+    with pytest.raises(ValueError, match="dtype"):
+        Engine(model, dtype="int8")
+    with pytest.raises(ValueError, match="batch_size"):
+        Engine(model).classify([[5]], batch_size=0)
+    with pytest.raises(RuntimeError, match="unknown attention backend"):
+        Engine(model, attention="nope").classify([[5]])
