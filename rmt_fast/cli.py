@@ -1,0 +1,175 @@
+"""The command line: ``rmt-fast COMMAND`` (or ``python -m rmt_fast COMMAND``).
+
+Each command lives in the module that does its work and adds itself through ``add_cli(subparsers)``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+COMMAND_MODULES = ["rmt_fast.bench"]
+
+
+# -- classify -------------------------------------------------------------------------------------
+
+def load_tokenizer(path):
+    """A tokenizer from a folder (tokenizer.json / vocab.txt with its configs) or a vocab.txt file."""
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    p = Path(path)
+    if p.is_file():
+        return BertTokenizerFast(vocab_file=str(p), do_lower_case=False)
+    if (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(p))
+    if (p / "vocab.txt").is_file():
+        return BertTokenizerFast(vocab_file=str(p / "vocab.txt"), do_lower_case=False)
+    raise FileNotFoundError(f"no tokenizer at {p}: give a folder with tokenizer files or a vocab.txt")
+
+
+def read_text(path: str, errors: str) -> str:
+    """Decode as UTF-8 (a leading BOM is dropped); errors='strict' names the first bad byte."""
+    data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig", errors=errors)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not valid UTF-8 at byte {e.start} ({data[e.start:e.start + 1]!r}); "
+                         "re-encode it or pass --decode-errors replace") from None
+
+
+def _add_classify(subparsers):
+    p = subparsers.add_parser("classify", help="classify long text files")
+    p.add_argument("--model", required=True, help="an rmt_fast model folder, or a reference model_best.pth")
+    p.add_argument("--backbone-config", help="config.json (or folder) of a reference checkpoint's backbone")
+    p.add_argument("--tokenizer", help="tokenizer folder or vocab.txt (default: the model folder's)")
+    p.add_argument("--input", nargs="+", required=True, help="text files ('-' reads standard input)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--attention", default="auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--empty", choices=["error", "special"], default="error",
+                   help="an empty document is an error (default) or gets one segment of special tokens")
+    p.add_argument("--decode-errors", choices=["strict", "replace"], default="strict",
+                   help="files are UTF-8; 'strict' rejects a file with invalid bytes, 'replace' uses U+FFFD")
+    p.add_argument("--json", action="store_true", help="print one JSON object per input")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_classify)
+
+
+def run_classify(args) -> int:
+    import torch
+
+    from .checkpoints import load_model
+    from .engine import Engine
+    from .inputs import InvalidDocumentsError
+    from .tokenize import tokenize_long
+
+    model = load_model(args.model, backbone_config=args.backbone_config)
+    tok_path = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
+    if tok_path is None:
+        print("error: a reference checkpoint needs --tokenizer", file=sys.stderr)
+        return 2
+    tokenizer = load_tokenizer(tok_path)
+    engine = Engine(model, device=args.device, dtype=args.dtype, attention=args.attention)
+
+    failures, names, docs = {}, [], []
+    for path in args.input:
+        try:
+            docs.append(tokenize_long(read_text(path, args.decode_errors), tokenizer))
+            names.append(path)
+        except (OSError, ValueError) as e:
+            failures[path] = str(e)
+    logits = torch.zeros(0, model.config.num_labels)
+    while docs:
+        try:
+            logits = engine.classify(docs, batch_size=args.batch_size, empty=args.empty,
+                                     progress=not args.no_progress)
+            break
+        except InvalidDocumentsError as e:  # drop the named documents, keep the rest
+            for i in sorted(e.problems, reverse=True):
+                failures[names.pop(i)] = e.problems[i]
+                docs.pop(i)
+    labels = model.config.label_names or tuple(str(i) for i in range(model.config.num_labels))
+    probs = torch.softmax(logits, dim=-1)
+    for name, p, doc in zip(names, probs, docs):
+        k = int(p.argmax())
+        if args.json:
+            print(json.dumps({"input": name, "label": labels[k], "tokens": int(doc.numel()),
+                              "probabilities": {l: round(float(v), 6) for l, v in zip(labels, p)}}))
+        else:
+            print(f"{name}\t{labels[k]}\t{float(p[k]):.4f}")
+    for name, why in failures.items():
+        print(f"error: {name}: {why}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+# -- info -----------------------------------------------------------------------------------------
+
+def _add_info(subparsers):
+    p = subparsers.add_parser("info", help="versions, devices and which backends work here")
+    p.set_defaults(func=run_info)
+
+
+def run_info(args) -> int:
+    import platform
+
+    import torch
+
+    from .engine import backends
+
+    def version(mod):
+        try:
+            return importlib.import_module(mod).__version__
+        except Exception as e:  # noqa: BLE001 - report whatever stops the import
+            return f"not available ({type(e).__name__}: {e})"
+
+    print(f"python        {platform.python_version()}")
+    for mod in ("rmt_fast", "torch", "transformers", "triton", "numpy", "safetensors"):
+        print(f"{mod:<13} {version(mod)}")
+    print(f"torch CUDA    {torch.version.cuda or 'CPU build'}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            print(f"cuda:{i}        {torch.cuda.get_device_name(i)}")
+    else:
+        print("cuda          no GPU visible")
+    try:
+        from . import _ext
+        print(f"extension     {'built' if _ext.available() else 'not built: ' + str(_ext.why_unavailable())}"
+              + (" (with CUDA)" if _ext.available() and _ext.built_with_cuda() else ""))
+    except ImportError as e:
+        print(f"extension     not available ({e})")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        for dtype in (torch.float32, torch.bfloat16):
+            status = backends.available(torch.device(dev), dtype)
+            cells = ", ".join(f"{k}: {'yes' if v is None else 'no (' + v + ')'}" for k, v in status.items())
+            print(f"attention {dev}/{str(dtype).replace('torch.', '')}: {cells}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rmt-fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_classify(sub)
+    _add_info(sub)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_cli(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

