@@ -20,7 +20,9 @@ BUDGET_S="${GPU_CHECK_BUDGET_S:-470}"
 T0=$(date +%s)
 SUMMARY=()
 FAILED=0
-export REPO RESULTS PY
+SCRATCH="$(mktemp -d)"  # outside $OUT: symlinks there would not come back
+trap 'rm -rf "$SCRATCH"' EXIT
+export REPO RESULTS PY SCRATCH
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
 
@@ -66,14 +68,14 @@ assert torch.cuda.is_available(), 'no CUDA GPU visible to torch'
 install_repo() {
     RMT_FAST_SKIP_EXT=1 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e "$REPO" && return 0
     echo "pip install failed; using a symlinked tree on PYTHONPATH instead"
-    local shadow="$RESULTS/.shadow"
-    rm -rf "$shadow" && mkdir -p "$shadow"
+    local shadow="$SCRATCH/shadow"
+    mkdir -p "$shadow"
     cp -rs "$REPO/rmt_fast" "$shadow/rmt_fast" && ln -s "$REPO/kernels" "$shadow/rmt_fast/kernels"
-    echo "$shadow" > "$RESULTS/.pythonpath"
+    echo "$shadow" > "$SCRATCH/pythonpath"
 }
 export -f install_repo
 step install 120 bash -c install_repo
-[[ -f "$RESULTS/.pythonpath" ]] && export PYTHONPATH="$(cat "$RESULTS/.pythonpath")${PYTHONPATH:+:$PYTHONPATH}"
+[[ -f "$SCRATCH/pythonpath" ]] && export PYTHONPATH="$(cat "$SCRATCH/pythonpath")${PYTHONPATH:+:$PYTHONPATH}"
 step import 60 "$PY" -c "
 from rmt_fast.kernels.attention import why_not; import torch
 q = torch.empty(1, 1, 1, 64, device='cuda', dtype=torch.bfloat16)

@@ -42,7 +42,9 @@ if triton is not None:
     # jit() picks the interpreter or the compiler at decoration time, so this is what the kernel really is.
     _INTERPRETED = bool(triton.knobs.runtime.interpret)
 
-    @triton.jit
+    # Sizes appear only in bounds and index math, so specialising on them (==1, %16) would only multiply
+    # compilations; strides stay specialised, since their divisibility lets loads vectorise.
+    @triton.jit(do_not_specialize=["H", "Tq", "Tk"])
     def _attn_fwd_kernel(
         Q, K, V, KL, Out,
         stride_qb, stride_qt, stride_qh,
