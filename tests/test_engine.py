@@ -73,9 +73,9 @@ def test_float64_oracle_agrees(bert2):
     assert (got.double() - want).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.08), (torch.float16, 0.02)])
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.05), (torch.float16, 0.01)])
 def test_low_precision_against_float32(bert2, dtype, tol):
-    """Stated tolerance: max abs logit difference to float32 <= tol (logits here have std ~0.5)."""
+    """Stated tolerance: max abs logit difference to float32 <= tol (logits here have std ~1.3; measured 0.016 and 0.0023)."""
     docs = random_docs([10, 998, 1600], bert2.config.vocab_size)
     ref = Engine(bert2).classify(docs, batch_size=3)
     got = Engine(bert2, dtype=dtype).classify(docs, batch_size=3)
@@ -122,3 +122,16 @@ def test_missing_device_and_bad_options():
         Engine(model).classify([[5]], batch_size=0)
     with pytest.raises(RuntimeError, match="unknown attention backend"):
         Engine(model, attention="nope").classify([[5]])
+
+
+def test_engine_with_triton_attention_matches_oracle():
+    """The fused Triton kernel (under TRITON_INTERPRET=1 on a CPU) inside the whole Engine."""
+    pytest.importorskip("triton")
+    from transformers import BertConfig
+    bc = BertConfig(vocab_size=60, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=96, max_position_embeddings=64, initializer_range=0.2)
+    model = make_model(bc, num_mem_tokens=3, input_size=24, cls_token_id=1, sep_token_id=2, pad_token_id=0)
+    docs = random_docs([1, 18, 19, 40], 60, low=3)
+    got = Engine(model, attention="triton").classify(docs, batch_size=3)
+    want = torch.stack([oracle(model, d) for d in docs])
+    assert (got.double() - want).abs().max() <= 1e-4
