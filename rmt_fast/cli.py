@@ -15,20 +15,6 @@ COMMAND_MODULES = ["rmt_fast.bench", "rmt_fast.analysis.flops", "rmt_fast.analys
 
 # -- classify -------------------------------------------------------------------------------------
 
-def load_tokenizer(path):
-    """A tokenizer from a folder (tokenizer.json / vocab.txt with its configs) or a vocab.txt file."""
-    from transformers import AutoTokenizer, BertTokenizerFast
-
-    p = Path(path)
-    if p.is_file():
-        return BertTokenizerFast(vocab_file=str(p), do_lower_case=False)
-    if (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(str(p))
-    if (p / "vocab.txt").is_file():
-        return BertTokenizerFast(vocab_file=str(p / "vocab.txt"), do_lower_case=False)
-    raise FileNotFoundError(f"no tokenizer at {p}: give a folder with tokenizer files or a vocab.txt")
-
-
 def read_text(path: str, errors: str) -> str:
     """Decode as UTF-8 (a leading BOM is dropped); errors='strict' names the first bad byte."""
     data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
@@ -64,7 +50,7 @@ def run_classify(args) -> int:
     from .checkpoints import load_model
     from .engine import Engine
     from .inputs import InvalidDocumentsError
-    from .tokenize import tokenize_long
+    from .tokenize import load_tokenizer, tokenize_long
 
     model = load_model(args.model, backbone_config=args.backbone_config)
     tok_path = args.tokenizer or (args.model if Path(args.model).is_dir() else None)

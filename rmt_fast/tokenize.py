@@ -6,10 +6,49 @@ change any token. Chunks are tokenized as one batch, in parallel inside the fast
 """
 from __future__ import annotations
 
+import inspect
+import json
 import unicodedata
+from pathlib import Path
 from typing import Iterator, List
 
 import torch
+
+
+def wordpiece_tokenizer(vocab_file, do_lower_case=None):
+    """A fast BERT WordPiece tokenizer from a vocab.txt, offline.
+
+    do_lower_case=None reads it from a tokenizer_config.json beside the vocabulary, else infers it:
+    a vocabulary with upper-case word pieces is a cased one.
+    """
+    from transformers import BertTokenizerFast
+
+    vocab_file = Path(vocab_file)
+    tokens = vocab_file.read_text(encoding="utf-8").splitlines()
+    if do_lower_case is None:
+        conf = vocab_file.parent / "tokenizer_config.json"
+        if conf.is_file() and "do_lower_case" in json.loads(conf.read_text(encoding="utf-8")):
+            do_lower_case = bool(json.loads(conf.read_text(encoding="utf-8"))["do_lower_case"])
+        else:
+            do_lower_case = not any(t.lower() != t for t in tokens if not (t.startswith("[") and t.endswith("]")))
+    # transformers 5 takes the vocabulary as `vocab` (and silently ignores `vocab_file`); 4.x as `vocab_file`.
+    if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:
+        return BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=do_lower_case)
+    return BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=do_lower_case)
+
+
+def load_tokenizer(path):
+    """A tokenizer from a folder (tokenizer.json, or vocab.txt with its configs) or a vocab.txt file."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if p.is_file():
+        return wordpiece_tokenizer(p)
+    if (p / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(p))
+    if (p / "vocab.txt").is_file():
+        return wordpiece_tokenizer(p / "vocab.txt")
+    raise FileNotFoundError(f"no tokenizer at {p}: give a folder with tokenizer.json or vocab.txt, or a vocab.txt")
 
 
 def _cut_points(text: str, chunk_chars: int) -> Iterator[int]:
