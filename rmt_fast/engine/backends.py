@@ -5,8 +5,8 @@ q: [B, Tq, heads, D] and k, v: [B, Tk, heads, D] (strided views of a fused proje
 with keys at positions >= key_lengths[b] masked, and returns [B, Tq, heads * D].
 
 - ``sdpa``: torch's scaled_dot_product_attention (flash / memory-efficient kernels on CUDA).
-- ``matmul``: the three steps as batched matmuls. On CPU in bfloat16 it is about twice as fast as
-  SDPA (DESIGN.md); the softmax itself runs in float32 inside torch's kernel.
+- ``matmul``: the three steps as batched matmuls, the plain statement of the math. On this project's
+  CPUs it is slower than SDPA in every dtype (the softmax pass dominates; docs/PERF.md).
 - ``triton``: the fused kernel in ``rmt_fast.kernels.attention`` (CUDA, or Triton's interpreter).
 
 Each backend can say why it cannot run an input. ``auto`` picks the first that can, quietly; an
@@ -87,8 +87,6 @@ def priority(device: torch.device, dtype: torch.dtype) -> tuple:
     """The order ``auto`` tries backends in, fastest first for this device and dtype (see docs/PERF.md)."""
     if device.type == "cuda":
         return ("triton", "sdpa", "matmul")
-    if dtype in (torch.bfloat16, torch.float16):
-        return ("matmul", "sdpa")
     return ("sdpa", "matmul")
 
 

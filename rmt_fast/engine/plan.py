@@ -82,11 +82,14 @@ class InferencePlan:
             self.initial_memory = f32(model.initial_memory())                            # [M, H]
 
         self.layers: List[LayerWeights] = []
+        # The softmax scale is folded into the query projection (in float32, before any rounding), so
+        # attention runs with scale 1 and no pass over the scores multiplies them.
+        scale = self.head_dim ** -0.5
         for layer in model.bert.encoder.layer:
             sa, ao = layer.attention.self, layer.attention.output
             self.layers.append(LayerWeights(
-                qkv_w=low(torch.cat([sa.query.weight, sa.key.weight, sa.value.weight])),
-                qkv_b=low(torch.cat([sa.query.bias, sa.key.bias, sa.value.bias])),
+                qkv_w=low(torch.cat([sa.query.weight.float() * scale, sa.key.weight, sa.value.weight])),
+                qkv_b=low(torch.cat([sa.query.bias.float() * scale, sa.key.bias, sa.value.bias])),
                 out_w=low(ao.dense.weight), out_b=low(ao.dense.bias),
                 ln1_w=low(ao.LayerNorm.weight), ln1_b=low(ao.LayerNorm.bias),
                 ffn_in_w=low(layer.intermediate.dense.weight), ffn_in_b=low(layer.intermediate.dense.bias),
@@ -111,7 +114,7 @@ class InferencePlan:
         name = self._chosen.get(key)
         if name is None:
             name = self._chosen[key] = backends.select(self.attention, q, k, v, key_lengths)
-        return backends.attention(name, q, k, v, key_lengths)
+        return backends.attention(name, q, k, v, key_lengths, scale=1.0)
 
     def _finish_layer(self, w: LayerWeights, attn, residual):
         h = F.layer_norm(F.linear(attn, w.out_w, w.out_b) + residual, (self.hidden,), w.ln1_w, w.ln1_b, self.eps)

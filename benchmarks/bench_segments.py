@@ -1,0 +1,138 @@
+"""Per-segment time and peak memory: the reference's way, the tuned baseline, and the Engine, in one run.
+
+  (a) reference: the reference's loop — HF BERT called per segment with inputs_embeds, eager attention,
+      float32, output_hidden_states=True and every segment's outputs kept;
+  (b) tuned baseline: the same loop with SDPA attention, the model cast to bfloat16, inference mode,
+      outputs not kept;
+  (c) Engine float32;  (d) Engine bfloat16;
+plus the floor: the full model's matmul FLOPs per segment at the bfloat16 GEMM rate measured in this run.
+
+bert-base-cased shape (12 layers, hidden 768), random weights, full segments of 499 text tokens.
+
+  python benchmarks/bench_segments.py [--segments 3] [--batch-sizes 1,8] [--layers 12] [--out FILE.json]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from rmt_fast import Engine
+from rmt_fast.bench import PeakMemory, builtin_model
+
+
+def reference_loop(model, docs, dtype, keep_outputs, attn):
+    """The reference's inference: one HF call per segment, memory from hidden_states[-1]."""
+    cfg = model.config
+    backbone = copy.deepcopy(model.model).to(dtype)
+    backbone.set_attn_implementation(attn)
+    word = backbone.get_input_embeddings()
+    M, S, T = cfg.num_mem_tokens, cfg.segment_size, cfg.input_size
+    mem_ids = torch.arange(cfg.vocab_size, cfg.vocab_size + M)
+
+    def run():
+        B = len(docs)
+        memory = word(mem_ids).unsqueeze(0).expand(B, -1, -1)
+        kept = []
+        for s in range(docs[0].numel() // S):
+            ids = torch.full((B, T), cfg.pad_token_id)
+            ids[:, 0], ids[:, 1:M + 1], ids[:, M + 1] = cfg.cls_token_id, mem_ids, cfg.sep_token_id
+            ids[:, M + 2:M + 2 + S] = torch.stack([d[s * S:(s + 1) * S] for d in docs])
+            ids[:, M + 2 + S] = cfg.sep_token_id
+            emb = word(ids)
+            emb[:, 1:M + 1] = memory
+            out = backbone(inputs_embeds=emb, attention_mask=(ids != cfg.pad_token_id).long(),
+                           output_hidden_states=True)
+            memory = out.hidden_states[-1][:, 1:M + 1]
+            if keep_outputs:
+                kept.append(out)
+        return out.logits
+    return run
+
+
+def gemm_rate(dtype=torch.bfloat16, reps=20) -> float:
+    a, b = torch.randn(512, 768, dtype=dtype), torch.randn(768, 3072, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * 512 * 768 * 3072 * reps / (time.perf_counter() - t0)
+
+
+def segment_flops(layers, T=512, H=768, F=3072) -> float:
+    per_layer = 2 * T * (3 * H * H + H * H + 2 * H * F) + 2 * 2 * T * T * H
+    return layers * per_layer + 2 * H * H  # + pooler
+
+
+def timed(fn, batch, n_segments, device="cpu"):
+    fn_warm = fn["warm"]
+    fn_warm()
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        fn["run"]()
+        dt = time.perf_counter() - t0
+    return {"ms_per_segment": 1000 * dt / (n_segments * batch), "peak_mib": mem.peak / 2**20}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--segments", type=int, default=3)
+    ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--skip-reference", action="store_true", help="leave out (a), the slowest")
+    ap.add_argument("--out", default="benchmarks/results/segments.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model = builtin_model(args.layers)
+    cfg = model.config
+    rate = gemm_rate()
+    floor_ms = 1000 * segment_flops(args.layers) / rate
+    rows = []
+    for B in [int(b) for b in args.batch_sizes.split(",")]:
+        docs = [torch.randint(1000, cfg.vocab_size, (args.segments * cfg.segment_size,)) for _ in range(B)]
+        warm = [d[:cfg.segment_size] for d in docs]
+        engines = {"(c) Engine float32": Engine(model, dtype=torch.float32),
+                   "(d) Engine bfloat16": Engine(model, dtype=torch.bfloat16)}
+        cases = {}
+        if not args.skip_reference:
+            cases["(a) reference (eager fp32, outputs kept)"] = {
+                "warm": reference_loop(model, warm, torch.float32, True, "eager"),
+                "run": reference_loop(model, docs, torch.float32, True, "eager")}
+        cases["(b) tuned baseline (SDPA, bf16)"] = {
+            "warm": reference_loop(model, warm, torch.bfloat16, False, "sdpa"),
+            "run": reference_loop(model, docs, torch.bfloat16, False, "sdpa")}
+        for name, e in engines.items():
+            cases[name] = {"warm": lambda e=e: e.classify(warm, batch_size=B),
+                           "run": lambda e=e: e.classify(docs, batch_size=B)}
+        with torch.inference_mode():
+            for name, fn in cases.items():
+                r = timed(fn, B, args.segments)
+                rows.append({"case": name, "batch": B, **r})
+                print(f"batch {B:>2}  {name:<42} {r['ms_per_segment']:>9.1f} ms/segment "
+                      f"{r['peak_mib']:>8.1f} MiB peak", flush=True)
+        print(f"batch {B:>2}  {'floor (matmul FLOPs at measured bf16 rate)':<42} {floor_ms:>9.1f} ms/segment")
+    by = {(r["case"][:3], r["batch"]): r["ms_per_segment"] for r in rows}
+    print("\nratios (same run):")
+    for B in sorted({r["batch"] for r in rows}):
+        d = by[("(d)", B)]
+        parts = [f"(b)/(d) {by[('(b)', B)] / d:.2f}x", f"(d)/floor {d / floor_ms:.2f}x"]
+        if ("(a)", B) in by:
+            parts += [f"(a)/(d) {by[('(a)', B)] / d:.2f}x", f"(a)/(c) {by[('(a)', B)] / by[('(c)', B)]:.2f}x"]
+        print(f"batch {B:>2}  " + ", ".join(parts))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "layers": args.layers,
+            "segments": args.segments, "bf16_gemm_gflops": rate / 1e9, "floor_ms": floor_ms}
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"bf16 GEMM rate {rate / 1e9:.0f} GFLOP/s; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
