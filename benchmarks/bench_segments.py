@@ -5,11 +5,13 @@
   (b) tuned baseline: the same loop with SDPA attention, the model cast to bfloat16, inference mode,
       outputs not kept;
   (c) Engine float32;  (d) Engine bfloat16;
-plus the floor: the full model's matmul FLOPs per segment at the bfloat16 GEMM rate measured in this run.
+plus the floor: the full model's matmul FLOPs per segment at the bfloat16 GEMM rate measured in this run
+(at the GEMM shape of each batch size).
 
 bert-base-cased shape (12 layers, hidden 768), random weights, full segments of 499 text tokens.
 
-  python benchmarks/bench_segments.py [--segments 3] [--batch-sizes 1,8] [--layers 12] [--out FILE.json]
+  python benchmarks/bench_segments.py [--segments 3] [--batch-sizes 1,8] [--layers 12] [--device cpu]
+                                      [--attention auto|sdpa,matmul,triton] [--out FILE.json]
 """
 from __future__ import annotations
 
@@ -26,23 +28,23 @@ from rmt_fast import Engine
 from rmt_fast.bench import PeakMemory, builtin_model
 
 
-def reference_loop(model, docs, dtype, keep_outputs, attn):
+def reference_loop(model, docs, dtype, keep_outputs, attn, device="cpu"):
     """The reference's inference: one HF call per segment, memory from hidden_states[-1]."""
     cfg = model.config
-    backbone = copy.deepcopy(model.model).to(dtype)
+    backbone = copy.deepcopy(model.model).to(device=device, dtype=dtype)
     backbone.set_attn_implementation(attn)
     word = backbone.get_input_embeddings()
     M, S, T = cfg.num_mem_tokens, cfg.segment_size, cfg.input_size
-    mem_ids = torch.arange(cfg.vocab_size, cfg.vocab_size + M)
+    mem_ids = torch.arange(cfg.vocab_size, cfg.vocab_size + M, device=device)
 
     def run():
         B = len(docs)
         memory = word(mem_ids).unsqueeze(0).expand(B, -1, -1)
         kept = []
         for s in range(docs[0].numel() // S):
-            ids = torch.full((B, T), cfg.pad_token_id)
+            ids = torch.full((B, T), cfg.pad_token_id, device=device)
             ids[:, 0], ids[:, 1:M + 1], ids[:, M + 1] = cfg.cls_token_id, mem_ids, cfg.sep_token_id
-            ids[:, M + 2:M + 2 + S] = torch.stack([d[s * S:(s + 1) * S] for d in docs])
+            ids[:, M + 2:M + 2 + S] = torch.stack([d[s * S:(s + 1) * S] for d in docs]).to(device)
             ids[:, M + 2 + S] = cfg.sep_token_id
             emb = word(ids)
             emb[:, 1:M + 1] = memory
@@ -55,14 +57,23 @@ def reference_loop(model, docs, dtype, keep_outputs, attn):
     return run
 
 
-def gemm_rate(dtype=torch.bfloat16, reps=20) -> float:
-    a, b = torch.randn(512, 768, dtype=dtype), torch.randn(768, 3072, dtype=dtype)
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_rate(dtype=torch.bfloat16, reps=20, device="cpu", rows=512) -> float:
+    """The GEMM rate of a bert-base FFN matmul ([rows, 768] x [768, 3072]), FLOP/s."""
+    a = torch.randn(rows, 768, dtype=dtype, device=device)
+    b = torch.randn(768, 3072, dtype=dtype, device=device)
     for _ in range(3):
         a @ b
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
-    return 2 * 512 * 768 * 3072 * reps / (time.perf_counter() - t0)
+    _sync(device)
+    return 2 * rows * 768 * 3072 * reps / (time.perf_counter() - t0)
 
 
 def segment_flops(layers, T=512, H=768, F=3072) -> float:
@@ -71,11 +82,11 @@ def segment_flops(layers, T=512, H=768, F=3072) -> float:
 
 
 def timed(fn, batch, n_segments, device="cpu"):
-    fn_warm = fn["warm"]
-    fn_warm()
+    fn["warm"]()
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
         fn["run"]()
+        _sync(device)
         dt = time.perf_counter() - t0
     return {"ms_per_segment": 1000 * dt / (n_segments * batch), "peak_mib": mem.peak / 2**20}
 
@@ -86,42 +97,54 @@ def main():
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--skip-reference", action="store_true", help="leave out (a), the slowest")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--attention", default="auto",
+                    help="comma-separated backends for the Engine rows (e.g. sdpa,matmul,triton)")
     ap.add_argument("--out", default="benchmarks/results/segments.json")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = builtin_model(args.layers)
     cfg = model.config
-    rate = gemm_rate()
-    floor_ms = 1000 * segment_flops(args.layers) / rate
+    dev = args.device
+    backends = args.attention.split(",")
     rows = []
     for B in [int(b) for b in args.batch_sizes.split(",")]:
+        rate = gemm_rate(device=dev, rows=512 * B)  # the floor's rate at this batch's GEMM shape
+        floor_ms = 1000 * segment_flops(args.layers) / rate
         docs = [torch.randint(1000, cfg.vocab_size, (args.segments * cfg.segment_size,)) for _ in range(B)]
         warm = [d[:cfg.segment_size] for d in docs]
-        engines = {"(c) Engine float32": Engine(model, dtype=torch.float32),
-                   "(d) Engine bfloat16": Engine(model, dtype=torch.bfloat16)}
+        engines = {}
+        for att in backends:
+            tag = "" if len(backends) == 1 else f", {att}"
+            engines[f"(c) Engine float32{tag}"] = Engine(model, device=dev, dtype=torch.float32, attention=att)
+            engines[f"(d) Engine bfloat16{tag}"] = Engine(model, device=dev, dtype=torch.bfloat16, attention=att)
         cases = {}
         if not args.skip_reference:
             cases["(a) reference (eager fp32, outputs kept)"] = {
-                "warm": reference_loop(model, warm, torch.float32, True, "eager"),
-                "run": reference_loop(model, docs, torch.float32, True, "eager")}
+                "warm": reference_loop(model, warm, torch.float32, True, "eager", dev),
+                "run": reference_loop(model, docs, torch.float32, True, "eager", dev)}
         cases["(b) tuned baseline (SDPA, bf16)"] = {
-            "warm": reference_loop(model, warm, torch.bfloat16, False, "sdpa"),
-            "run": reference_loop(model, docs, torch.bfloat16, False, "sdpa")}
+            "warm": reference_loop(model, warm, torch.bfloat16, False, "sdpa", dev),
+            "run": reference_loop(model, docs, torch.bfloat16, False, "sdpa", dev)}
         for name, e in engines.items():
             cases[name] = {"warm": lambda e=e: e.classify(warm, batch_size=B),
                            "run": lambda e=e: e.classify(docs, batch_size=B)}
         with torch.inference_mode():
             for name, fn in cases.items():
-                r = timed(fn, B, args.segments)
-                rows.append({"case": name, "batch": B, **r})
+                r = timed(fn, B, args.segments, dev)
+                rows.append({"case": name, "batch": B, "floor_ms": floor_ms, **r})
                 print(f"batch {B:>2}  {name:<42} {r['ms_per_segment']:>9.1f} ms/segment "
                       f"{r['peak_mib']:>8.1f} MiB peak", flush=True)
         print(f"batch {B:>2}  {'floor (matmul FLOPs at measured bf16 rate)':<42} {floor_ms:>9.1f} ms/segment")
-    by = {(r["case"][:3], r["batch"]): r["ms_per_segment"] for r in rows}
-    print("\nratios (same run):")
+    by = {}
+    for r in rows:  # the fastest row of each case letter (several attention backends may be timed)
+        key = (r["case"][:3], r["batch"])
+        by[key] = min(by.get(key, float("inf")), r["ms_per_segment"])
+    floors = {r["batch"]: r["floor_ms"] for r in rows}
+    print("\nratios (same run; the best Engine row of each kind):")
     for B in sorted({r["batch"] for r in rows}):
         d = by[("(d)", B)]
-        parts = [f"(b)/(d) {by[('(b)', B)] / d:.2f}x", f"(d)/floor {d / floor_ms:.2f}x"]
+        parts = [f"(b)/(d) {by[('(b)', B)] / d:.2f}x", f"(d)/floor {d / floors[B]:.2f}x"]
         if ("(a)", B) in by:
             parts += [f"(a)/(d) {by[('(a)', B)] / d:.2f}x", f"(a)/(c) {by[('(a)', B)] / by[('(c)', B)]:.2f}x"]
         print(f"batch {B:>2}  " + ", ".join(parts))
@@ -129,9 +152,10 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "layers": args.layers,
-            "segments": args.segments, "bf16_gemm_gflops": rate / 1e9, "floor_ms": floor_ms}
+            "segments": args.segments, "device": dev,
+            "device_name": torch.cuda.get_device_name(dev) if torch.device(dev).type == "cuda" else None}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"bf16 GEMM rate {rate / 1e9:.0f} GFLOP/s; wrote {out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
