@@ -92,6 +92,14 @@ step attention_bench_autotune 90 env -u TRITON_INTERPRET RMT_FAST_TRITON_AUTOTUN
     "$PY" benchmarks/bench_attention.py --seqlens 522 --batches 1 32 --out "$RESULTS/attention_autotune.json"
 
 # ======================================================================================================
+# SECTION: the Engine (issue 2) - against the oracle on the GPU, then per-segment time vs the reference
+# ======================================================================================================
+step engine_tests 150 env -u TRITON_INTERPRET "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_engine.py tests/test_long.py
+step engine_bench 150 "$PY" benchmarks/bench_segments.py --device cuda --segments 32 --batch-sizes 1,8,32 \
+    --attention sdpa,triton --out "$RESULTS/segments.json"
+
+# ======================================================================================================
 # (new sections go here, above the SUMMARY)
 # ======================================================================================================
 
