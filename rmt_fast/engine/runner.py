@@ -3,14 +3,25 @@
 Per step, every busy slot runs one segment of its document through the plan; the new memory is
 written back in place into one preallocated [slots, M, H] float32 state; a slot that starts a
 document has its memory reset to the initial memory first; a document's logits are scattered into
-the results on its last segment. Segment ids are laid out on the host a chunk of steps at a time and
-copied to the device ahead of use. All control decisions come from the host-side schedule, so the
-loop never reads anything back from the device.
+result rows on its last segment. The feeder (``feeder.py``) lays segment ids and every per-step
+decision out on the host a chunk of steps at a time, ahead, on a thread, and copies them to the
+device ahead of use; the loop never reads anything back from the device within a chunk.
+
+Two loops over the same chunks:
+- static (CUDA): every slot computes every step with fixed shapes (``graphs.step_all``), replayed
+  from a CUDA graph per batch shape; idle slots compute garbage that is masked out.
+- compact (CPU): each step runs only the busy slots, eagerly (idle rows would cost real time).
+
+Results come back to the host a chunk late (a non-blocking copy and an event), so the host never
+waits for the step it has just enqueued. See docs/DRIVER.md.
 """
 from __future__ import annotations
 
+import os
+import time
 import warnings
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -18,13 +29,20 @@ from tqdm.auto import tqdm
 from .. import segmentation
 from ..inputs import InvalidDocumentsError, as_documents
 from ..model import RMTForSequenceClassification
+from . import graphs
+from .feeder import ChunkLayout, DocumentError, Feeder, IdsSource, TextSource
 from .plan import InferencePlan
-from .schedule import make_schedule
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-STEPS_PER_CHUNK = 64
+STEPS_PER_CHUNK = 64          # steps laid out and copied at a time (fewer for wide batches)
+RING = 3                      # chunk buffers in flight: one computing, one copied, one being laid out
+
+
+def steps_per_chunk(slots: int) -> int:
+    """About 512 segment rows per chunk (256 KiB of ids at T = 512), at least 8 steps."""
+    return max(8, min(STEPS_PER_CHUNK, 512 // slots))
 
 
 def resolve_device(device) -> torch.device:
@@ -48,18 +66,39 @@ def resolve_dtype(dtype) -> torch.dtype:
     raise ValueError(f"dtype {dtype!r} is not supported; choose float32, bfloat16 or float16")
 
 
+
+
 class Engine:
     """Fast inference for an ``RMTForSequenceClassification``.
 
     attention: 'auto' (fastest backend that can run, see ``engine.backends``), 'sdpa', 'matmul' or 'triton'.
+    cuda_graphs: replay each step from a CUDA graph (None: on CUDA unless RMT_FAST_CUDA_GRAPHS=0).
+    overlap: lay out (and tokenize, and copy) later steps on threads while the current ones compute;
+    False does it in turn on the caller's thread (the same results, for benchmarks).
     """
 
     def __init__(self, model: RMTForSequenceClassification, device="cpu", dtype=torch.float32,
-                 attention: str = "auto"):
+                 attention: str = "auto", *, cuda_graphs: Optional[bool] = None, overlap: bool = True):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.config = model.config
         self.plan = InferencePlan(model.eval(), self.device, self.dtype, attention)
+        reason = graphs.why_not(self.device)
+        self.cuda_graphs = (reason is None) if cuda_graphs is None else bool(cuda_graphs and self.device.type == "cuda")
+        self.overlap = overlap
+        # The static all-slot loop: always on CUDA; settable on the CPU to test that loop there.
+        self.static_loop = self.device.type == "cuda"
+        self._runners: Dict[tuple, graphs.StepRunner] = {}
+        self._graphs_off_reason = None if self.cuda_graphs else (reason or "turned off (cuda_graphs=False)")
+
+    @property
+    def graphs_status(self) -> str:
+        """Whether steps replay from CUDA graphs, and if not why (for ``rmt-fast info`` and logs)."""
+        if not self.cuda_graphs:
+            return f"off: {self._graphs_off_reason}"
+        if not self._runners:
+            return "on (captured on first use, per batch shape)"
+        return "; ".join(r.status for r in self._runners.values())
 
     # -- public --------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -74,10 +113,7 @@ class Engine:
         InvalidDocumentsError names every such document) or 'special' (one segment holding only
         [CLS], memory and two [SEP], i.e. the model's answer to an empty text).
         """
-        if empty not in ("error", "special"):
-            raise ValueError(f"empty must be 'error' or 'special', got {empty!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self._check_options(batch_size, empty)
         cfg = self.config
         raw = as_documents(docs, cfg)
         documents = segmentation.clean_and_truncate(raw, cfg)
@@ -89,16 +125,88 @@ class Engine:
                                              for i in empties})
         self._warn_truncated(raw, documents)
         segs = segmentation.cut(documents, cfg, empty_as_one_segment=True)
-        return self._run(documents, segs, batch_size, progress)
+        D = len(documents)
+        if D == 0:
+            return torch.zeros(0, cfg.num_labels)
+        source = IdsSource(documents, segs)
+        got = self._run(source, min(batch_size, D), empty, "raise", progress, total=len(segs))
+        return torch.stack([got[d] for d in range(D)])
 
     def classify_texts(self, texts: Sequence[str], tokenizer, batch_size: int = 8, empty: str = "error",
-                       progress: bool = False, chunk_chars: int = 1 << 16) -> torch.Tensor:
-        """Tokenize each text in chunks (the same ids as tokenizing it whole) and classify."""
-        from ..tokenize import tokenize_long
-        docs = [tokenize_long(t, tokenizer, chunk_chars=chunk_chars) for t in texts]
-        return self.classify(docs, batch_size=batch_size, empty=empty, progress=progress)
+                       progress: bool = False, chunk_chars: int = 1 << 16, workers: int = 2) -> torch.Tensor:
+        """Tokenize texts on ``workers`` threads, ahead of the compute, and classify them.
+
+        Each text is tokenized in chunks of about ``chunk_chars`` characters (the same ids as
+        tokenizing it whole); with left alignment a text streams through the slots as it is
+        tokenized. A text that cannot be tokenized raises DocumentError naming it.
+        """
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise InvalidDocumentsError({i: f"expected a str, got {type(t).__name__}"})
+        return self.classify_stream(texts, tokenizer, batch_size=batch_size, empty=empty, progress=progress,
+                                    chunk_chars=chunk_chars, workers=workers, _texts=True)
+
+    def classify_files(self, paths: Iterable, tokenizer, **kwargs) -> torch.Tensor:
+        """``classify_stream`` of UTF-8 text files by path (errors name the file)."""
+        return self.classify_stream([Path(p) for p in paths], tokenizer, **kwargs)
+
+    @torch.inference_mode()
+    def classify_stream(self, sources: Iterable, tokenizer, batch_size: int = 8, empty: str = "error",
+                        progress: bool = False, chunk_chars: int = 1 << 16, workers: int = 2,
+                        names: Optional[Sequence[str]] = None, errors: str = "strict",
+                        on_error: str = "raise", lookahead: Optional[int] = None,
+                        _texts: bool = False) -> torch.Tensor:
+        """Logits [n, num_labels] of documents read incrementally, in input order.
+
+        sources: an iterable (read lazily) of documents, each a path (``pathlib.Path``), a binary or
+        text file object (a pipe: ``sys.stdin.buffer``), or an iterable of str/bytes pieces of one
+        text. Bytes are decoded as UTF-8 (a leading BOM dropped); errors='strict' rejects invalid
+        bytes, 'replace' uses U+FFFD.
+        Memory: token ids never all sit on the device. With ``segment_alignment='left'`` a document
+        streams: the host holds a few pieces of its ids at a time, whatever its length. With right
+        or center alignment the cut points depend on the length, so each document is tokenized
+        whole on the host (up to ``lookahead`` documents ahead) before it takes a slot.
+        on_error: 'raise' (a DocumentError naming the document stops the run) or 'nan' (that
+        document gets NaN logits, a warning names it, and the run goes on).
+        """
+        self._check_options(batch_size, empty)
+        if on_error not in ("raise", "nan"):
+            raise ValueError(f"on_error must be 'raise' or 'nan', got {on_error!r}")
+        if errors not in ("strict", "replace"):
+            raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
+        names = list(names) if names is not None else None
+
+        def items():
+            for i, src in enumerate(sources):
+                name = names[i] if names is not None and i < len(names) else (
+                    None if _texts else str(src) if isinstance(src, (str, os.PathLike))
+                    else getattr(src, "name", None) or f"stream {i}")
+                if not _texts and isinstance(src, str):
+                    src = Path(src)   # a str source names a file; in-memory texts go through classify_texts
+                yield name, src
+
+        source = TextSource(items(), tokenizer, self.config, empty=empty, workers=workers,
+                            lookahead=batch_size + 2 if lookahead is None else lookahead, chunk_chars=chunk_chars,
+                            errors=errors)
+        failed: Dict[int, str] = {}
+        got = self._run(source, batch_size, empty, on_error, progress, total=None, failed=failed)
+        n = max([*got, *failed], default=-1) + 1
+        out = torch.full((n, self.config.num_labels), float("nan"))
+        for d, logits in got.items():
+            out[d] = logits
+        for d, why in sorted(failed.items()):
+            warnings.warn(f"document {d} gets NaN logits: {why}", RuntimeWarning, stacklevel=2)
+        return out
 
     # -- the loop ---------------------------------------------------------------------------------
+    @staticmethod
+    def _check_options(batch_size, empty) -> None:
+        if empty not in ("error", "special"):
+            raise ValueError(f"empty must be 'error' or 'special', got {empty!r}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
     def _warn_truncated(self, raw, documents) -> None:
         cfg = self.config
         if cfg.max_n_segments is None:
@@ -107,72 +215,103 @@ class Engine:
         cut = [i for i, d in enumerate(raw) if d.numel() > limit
                and int(documents.lengths[i]) == limit and d.numel() - int(documents.lengths[i]) > 0]
         if cut:
-            warnings.warn(f"documents {cut[:10]}{'...' if len(cut) > 10 else ''} exceed max_n_segments="
-                          f"{cfg.max_n_segments} ({limit} tokens) and keep only their head, as the reference does",
-                          stacklevel=3)
+            self._warn_cut(cut, stacklevel=4)
 
-    def _run(self, documents, segs, batch_size: int, progress: bool) -> torch.Tensor:
+    def _warn_cut(self, cut: List[int], stacklevel: int) -> None:
+        cfg = self.config
+        limit = cfg.segment_size * cfg.max_n_segments
+        warnings.warn(f"documents {cut[:10]}{'...' if len(cut) > 10 else ''} exceed max_n_segments="
+                      f"{cfg.max_n_segments} ({limit} tokens) and keep only their head, as the reference does",
+                      stacklevel=stacklevel)
+
+    def _runner(self, slots: int, result_rows: int) -> graphs.StepRunner:
+        key = (slots, result_rows)
+        if key not in self._runners:
+            self._runners[key] = graphs.StepRunner(self.plan, slots, result_rows, self.cuda_graphs)
+        return self._runners[key]
+
+    def _run(self, source, slots: int, empty: str, on_error: str, progress: bool, total: Optional[int],
+             failed: Optional[Dict[int, str]] = None) -> Dict[int, torch.Tensor]:
+        """Run every document of ``source``; logits [num_labels] (CPU) by document index."""
         cfg, plan, dev = self.config, self.plan, self.device
-        D, M, H = len(documents), cfg.num_mem_tokens, plan.hidden
-        if D == 0:
-            return torch.zeros(0, cfg.num_labels)
-        sched = make_schedule(segs, batch_size)
-        B = sched.slots
-        state = plan.initial_memory.expand(B, M, H).clone()                  # [B, M, H] float32
-        results = torch.zeros(D + 1, cfg.num_labels, device=dev)             # row D: sink for unfinished slots
-        pin = dev.type == "cuda"
-        bar = tqdm(total=len(segs), unit="seg", disable=not progress, desc="segments")
+        C = steps_per_chunk(slots)
+        layout = ChunkLayout(source, cfg, slots, C, RING, empty=empty, on_error=on_error)
+        rows = RING * C * slots + 1                                            # + the sink
+        cuda = dev.type == "cuda"
+        if self.static_loop:
+            runner = self._runner(slots, rows)
+            results = runner.results
+        else:
+            runner = None
+            state = plan.initial_memory.expand(slots, -1, -1).clone()          # [B, M, H] float32
+            results = torch.zeros(rows, cfg.num_labels, device=dev)
+        host_results = torch.zeros(RING, C * slots, cfg.num_labels, pin_memory=cuda)
+        harvested = [torch.cuda.Event() for _ in range(RING)] if cuda else None
+        got: Dict[int, torch.Tensor] = {}
+        truncated: List[int] = []
+        bar = tqdm(total=total, unit="seg", disable=not progress, desc="segments", dynamic_ncols=True)
+        t0, n_seg, n_tok = time.perf_counter(), 0, 0
+        pending = None
+
+        def collect(meta):
+            k = meta.ring_slot
+            if cuda:
+                harvested[k].synchronize()
+            base = k * C * slots
+            for d, row in meta.finished:
+                got[d] = host_results[k, row - base].clone()
+
         try:
-            for s0 in range(0, sched.n_steps, STEPS_PER_CHUNK):
-                chunk = _HostChunk(documents, segs, sched.table[s0:s0 + STEPS_PER_CHUNK], cfg, D)
-                ids, key_len, dest = chunk.to(dev, pin)
-                for c in range(chunk.steps):
-                    self._step(state, results, ids[c], key_len[c], dest[c], chunk, c)
-                bar.update(chunk.n_segments)
+            with Feeder(layout, dev, threaded=self.overlap) as feed:
+                for meta, chunk in feed:
+                    T = cfg.input_size
+                    for c in range(meta.steps):
+                        if runner is not None:
+                            runner.step(chunk[c], meta.masked[c])
+                        else:
+                            self._compact_step(state, results, chunk[c], T, meta, c)
+                    feed.release(meta)
+                    k = meta.ring_slot
+                    host_results[k].copy_(results[k * C * slots:(k + 1) * C * slots], non_blocking=cuda)
+                    if cuda:
+                        harvested[k].record()
+                    if pending is not None:
+                        collect(pending)            # the previous chunk: done by now or soon
+                    pending = meta
+                    truncated += meta.truncated
+                    if failed is not None:
+                        failed.update(meta.failed)
+                    n_seg += meta.n_segments
+                    n_tok += meta.n_tokens
+                    if progress:
+                        dt = max(time.perf_counter() - t0, 1e-9)
+                        bar.set_postfix_str(f"{n_seg / dt:.1f} seg/s, {n_tok / dt:,.0f} tok/s", refresh=False)
+                        bar.update(meta.n_segments)
+                if pending is not None:
+                    collect(pending)
         finally:
             bar.close()
-        return results[:D].cpu()
+        if truncated:
+            self._warn_cut(sorted(set(truncated)), stacklevel=4)
+        return got
 
-    def _step(self, state, results, ids, key_len, dest, chunk: "_HostChunk", c: int) -> None:
+    def _compact_step(self, state, results, step, T: int, meta, c: int) -> None:
+        """One step of the busy slots only (the CPU loop). step: [B, T + 4] int64 (feeder layout)."""
         plan = self.plan
-        reset = chunk.reset_slots[c]
-        if reset is not None:
-            state.index_copy_(0, reset.to(state.device, non_blocking=True),
-                              plan.initial_memory.expand(reset.numel(), -1, -1))
-        kl = key_len if chunk.needs_mask[c] else None
-        active = chunk.active_slots[c]
-        if active is None:                                                    # every slot busy
+        # Column views are strided; kernels get contiguous key lengths (the Triton launcher assumes so).
+        ids, key_len, dest = step[:, :T], step[:, T].contiguous(), step[:, T + 1]
+        reset = meta.reset[c]
+        if reset:
+            idx = torch.tensor(reset, device=state.device)
+            state.index_copy_(0, idx, plan.initial_memory.expand(len(reset), -1, -1))
+        kl = key_len if meta.masked[c] else None
+        busy = meta.busy[c]
+        if busy is None:                                                      # every slot busy
             logits, new_mem = plan.step(ids, state, kl)
             state.copy_(new_mem)
             results.index_copy_(0, dest, logits)
         else:
-            idx = active.to(state.device, non_blocking=True)
+            idx = torch.tensor(busy, device=state.device)
             logits, new_mem = plan.step(ids[idx], state[idx], None if kl is None else kl[idx])
             state.index_copy_(0, idx, new_mem.float())
             results.index_copy_(0, dest[idx], logits)
-
-
-class _HostChunk:
-    """The host-side inputs of a run of steps: laid-out ids and every per-step decision."""
-
-    def __init__(self, documents, segs, table: torch.Tensor, cfg, D: int):
-        self.steps, B = table.shape
-        busy = table >= 0                                                    # [C, B]
-        g = table.clamp(min=0)
-        length = torch.where(busy, segs.length[g], 0)
-        self.n_segments = int(busy.sum())
-        self.ids = segmentation.layout(documents.tokens, segs.start[g].flatten(), length.flatten(),
-                                       cfg).view(self.steps, B, cfg.input_size)
-        self.key_len = segmentation.key_lengths(length, cfg)
-        last = segs.index[g] == segs.count[segs.doc[g]] - 1
-        self.dest = torch.where(busy & last, segs.doc[g], D)
-        starts = busy & (segs.index[g] == 0)
-        full_step = busy.all(dim=1).tolist()
-        self.active_slots = [None if full_step[c] else busy[c].nonzero().flatten() for c in range(self.steps)]
-        self.needs_mask = ((length < cfg.segment_size) & busy).any(dim=1).tolist()
-        self.reset_slots = [starts[c].nonzero().flatten() if starts[c].any() else None for c in range(self.steps)]
-
-    def to(self, device, pin: bool):
-        def move(t):
-            return t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)
-        return move(self.ids), move(self.key_len), move(self.dest)
