@@ -1,0 +1,234 @@
+"""Accuracy against input length (``rmt-fast evaluate``), like the report's Figures 1 and 5.
+
+For each model and each length 1, 2, 4, ... segments, classify ``samples`` test documents of the task
+through the fast Engine and count the correct answers. Under ``torchrun`` every process takes every
+world-th sample (sample i is the same document on every process, see ``rmt_fast.tasks``) and the
+counts are summed across processes, so the numbers do not depend on the process count.
+
+Writes ``<out>/accuracy.json``, ``<out>/accuracy.md`` (the table) and ``<out>/accuracy.png``
+(accuracy against input length in tokens, log x axis, one line per model).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass, field, asdict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import tasks as T
+
+
+def predict(model, docs, batch_size: int = 8, device="cpu", progress: bool = False) -> torch.Tensor:
+    """Logits [len(docs), num_labels] through the Engine (the fast inference path)."""
+    from .engine import Engine
+
+    if len(docs) == 0:
+        return torch.zeros(0, model.config.num_labels)
+    return Engine(model, device=device).classify(docs, batch_size=batch_size, progress=progress)
+
+
+def default_lengths(max_segments: int) -> List[int]:
+    """1, 2, 4, ... up to max_segments (max_segments itself included)."""
+    out, n = [], 1
+    while n < max_segments:
+        out.append(n)
+        n *= 2
+    out.append(max_segments)
+    return out
+
+
+def samples_at(n_segments: int, samples: int, long_samples: Optional[int], long_from: int) -> int:
+    """Samples to draw at a length: ``samples``, or ``long_samples`` from ``long_from`` segments on."""
+    if long_samples is not None and n_segments >= long_from:
+        return long_samples
+    return samples
+
+
+@dataclass
+class Row:
+    model: str
+    task: str
+    n_segments: int
+    n_tokens: int        # text tokens of each document (n_segments * segment_size)
+    samples: int
+    correct: int
+    accuracy: float
+    seconds: float
+
+
+def _dist() -> tuple:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def evaluate_model(model, tokenizer, task: str, lengths: Sequence[int], samples: int, name: str = "model",
+                   long_samples: Optional[int] = None, long_from: int = 1 << 30, batch_size: int = 32,
+                   seed: int = 1234, split: str = "test", device="cpu", progress: bool = False) -> List[Row]:
+    """Accuracy of one model on one task at each length, sharded across torchrun processes."""
+    rank, world = _dist()
+    gen = T.TaskGenerator(task, tokenizer, model.config, split=split, seed=seed)
+    rows = []
+    for n in lengths:
+        k = samples_at(n, samples, long_samples, long_from)
+        t0 = time.time()
+        correct = 0
+        mine = list(range(rank, k, world))
+        # Generate and classify in chunks so that very long documents do not all sit in memory at once.
+        chunk = max(batch_size, 1)
+        for c in range(0, len(mine), chunk):
+            docs, labels = gen.batch(n, mine[c:c + chunk])
+            logits = predict(model, docs, batch_size=batch_size, device=device,
+                             progress=progress and rank == 0 and n * len(docs) >= 4096)
+            correct += int((logits.argmax(-1) == labels).sum())
+        counts = torch.tensor([correct, len(mine)], dtype=torch.int64)
+        if world > 1:
+            dist.all_reduce(counts)
+        seconds = torch.tensor([time.time() - t0], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        c, total = (int(x) for x in counts)
+        rows.append(Row(model=name, task=T.TASK_ALIASES[task], n_segments=n,
+                        n_tokens=n * model.config.segment_size, samples=total, correct=c,
+                        accuracy=c / total if total else float("nan"), seconds=round(float(seconds), 3)))
+        if rank == 0 and progress:
+            r = rows[-1]
+            print(f"{name} {r.task} {n} seg ({r.n_tokens} tokens): {r.accuracy:.3f} ({c}/{total}) in {r.seconds:.1f}s",
+                  flush=True)
+    return rows
+
+
+def table(rows: Sequence[Row]) -> str:
+    lines = ["| model | task | segments | tokens | samples | accuracy | seconds |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.model} | {r.task} | {r.n_segments} | {r.n_tokens:,} | {r.samples} | "
+                     f"{100 * r.accuracy:.1f}% | {r.seconds:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[Row], path) -> None:
+    """Accuracy against input length in tokens, log x axis, one line per (model, task)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    keys = list(dict.fromkeys((r.model, r.task) for r in rows))
+    for model, task in keys:
+        rs = sorted((r for r in rows if (r.model, r.task) == (model, task)), key=lambda r: r.n_tokens)
+        ax.plot([r.n_tokens for r in rs], [100 * r.accuracy for r in rs], marker="o",
+                label=f"{model} / {task}" if len({k[1] for k in keys}) > 1 or len(keys) > 1 else model)
+    ax.set_xscale("log")
+    ax.set_xlabel("input length, text tokens (log scale)")
+    ax.set_ylabel("accuracy, %")
+    ax.set_ylim(0, 102)
+    ax.axhline(100 / len(T.LABEL_NAMES), color="grey", linestyle=":", linewidth=1, label="chance")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(rows: Sequence[Row], out_dir, meta: Optional[dict] = None) -> Dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "accuracy.json", "table": out / "accuracy.md", "plot": out / "accuracy.png"}
+    paths["json"].write_text(json.dumps({"meta": meta or {}, "rows": [asdict(r) for r in rows]}, indent=2))
+    paths["table"].write_text(table(rows) + "\n")
+    plot(rows, paths["plot"])
+    return paths
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+def add_cli(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("evaluate", help="accuracy against input length on a synthetic task",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("models", nargs="*", help="rmt_fast model directories; NAME=DIR labels a line "
+                                             "(default: the shipped default model)")
+    p.add_argument("--task", action="append", default=None,
+                   help="memorize, detect or reasoning; repeat for several (default: memorize and detect)")
+    p.add_argument("--max-segments", type=int, default=4096, help="lengths 1, 2, 4, ... up to this")
+    p.add_argument("--lengths", default=None, help="comma-separated segment counts instead of powers of two")
+    p.add_argument("--samples", type=int, default=100, help="samples per length")
+    p.add_argument("--long-samples", type=int, default=None, help="samples per length from --long-from on")
+    p.add_argument("--long-from", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=32, help="documents side by side in the Engine")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--split", default="test", choices=list(T.SPLITS))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="eval-results", help="output directory for accuracy.{json,md,png}")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+    return p
+
+
+def default_model_dir() -> Path:
+    return Path(__file__).resolve().parent / "data" / "default_model"
+
+
+def run(args) -> int:
+    from .model import RMTForSequenceClassification
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    created = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if str(args.device).startswith("cuda") else "gloo")
+        created = True
+    rank, world = _dist()
+    try:
+        specs = args.models or [f"default={default_model_dir()}"]
+        models = []
+        for spec in specs:
+            name, _, path = spec.rpartition("=") if "=" in spec else (None, None, spec)
+            path = Path(path)
+            models.append((name or path.name, path))
+        lengths = ([int(x) for x in args.lengths.split(",")] if args.lengths
+                   else default_lengths(args.max_segments))
+        task_names = args.task or ["memorize", "detect"]
+        rows: List[Row] = []
+        t0 = time.time()
+        for name, path in models:
+            model = RMTForSequenceClassification.from_pretrained(path)
+            tokenizer = T.load_tokenizer(path)
+            for task in task_names:
+                rows += evaluate_model(model, tokenizer, task, lengths, args.samples, name=name,
+                                       long_samples=args.long_samples, long_from=args.long_from,
+                                       batch_size=args.batch_size, seed=args.seed, split=args.split,
+                                       device=args.device, progress=not args.no_progress)
+        if rank == 0:
+            meta = {"models": {n: str(p) for n, p in models}, "tasks": task_names, "split": args.split,
+                    "seed": args.seed, "processes": world, "wall_s": round(time.time() - t0, 1),
+                    "torch_threads": torch.get_num_threads()}
+            paths = write_outputs(rows, args.out, meta)
+            print(table(rows))
+            print(f"wrote {paths['json']}, {paths['table']}, {paths['plot']} in {meta['wall_s']} s")
+    finally:
+        if created:
+            dist.destroy_process_group()
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="rmt-fast")
+    sub = parser.add_subparsers(required=True)
+    add_cli(sub)
+    import sys
+
+    args = parser.parse_args(["evaluate"] + list(sys.argv[1:] if argv is None else argv))
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
