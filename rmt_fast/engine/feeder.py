@@ -29,6 +29,7 @@ the host, before they take a slot.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import copy
 import io
 import itertools
@@ -36,6 +37,7 @@ import os
 import queue
 import threading
 import unicodedata
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -254,6 +256,37 @@ def stream_chunks(source, chunk_chars: int, chunks_per_piece: int, errors: str =
         yield text_chunks(buf, chunk_chars)
 
 
+_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_COPIES_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _private_copy(tokenizer):
+    """A copy of ``tokenizer`` no other thread is using, kept for later runs.
+
+    A fast tokenizer shared by threads raises "Already borrowed" when one call changes its
+    padding or truncation state while another encodes; copies (~0.1 s each, made once) avoid it.
+    """
+    try:
+        with _COPIES_LOCK:
+            free = _COPIES.setdefault(tokenizer, [])
+            tok = free.pop() if free else None
+    except TypeError:          # not weak-referenceable: copy per use
+        free = None
+        tok = None
+    if tok is None:
+        try:
+            tok = copy.deepcopy(tokenizer)
+        except Exception:  # noqa: BLE001 - an uncopyable tokenizer is used as it is
+            tok, free = tokenizer, None
+    try:
+        yield tok
+    finally:
+        if free is not None:
+            with _COPIES_LOCK:
+                free.append(tok)
+
+
 class TextSource:
     """Documents as texts (or readable sources) tokenized on a worker pool, in input order.
 
@@ -274,7 +307,7 @@ class TextSource:
         self._opened: deque = deque()
         self._exhausted = False
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rmt-tokenize")
-        self._tokenizer, self._local = tokenizer, threading.local()
+        self._tokenizer = tokenizer
         self._stop = threading.Event()
         self._specials = np.array(config.special_token_ids, dtype=np.int64)
         self._limit = None if config.max_n_segments is None else config.segment_size * config.max_n_segments
@@ -284,21 +317,9 @@ class TextSource:
         self.n_docs = None
 
     # -- tokenizer jobs, on the pool ---------------------------------------------------------------
-    def _thread_tokenizer(self):
-        # A private copy per worker thread: a fast tokenizer shared across threads may raise
-        # "Already borrowed" when one call changes its padding/truncation state.
-        tok = getattr(self._local, "tok", None)
-        if tok is None:
-            try:
-                tok = copy.deepcopy(self._tokenizer)
-            except Exception:  # noqa: BLE001 - an uncopyable tokenizer is shared
-                tok = self._tokenizer
-            self._local.tok = tok
-        return tok
-
     def _tokenize(self, doc: Doc, chunks: List[str], position: int) -> np.ndarray:
-        enc = self._thread_tokenizer()(chunks, add_special_tokens=False, return_attention_mask=False,
-                                       return_token_type_ids=False)
+        with _private_copy(self._tokenizer) as tok:
+            enc = tok(chunks, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
         ids = np.fromiter(itertools.chain.from_iterable(enc["input_ids"]), dtype=np.int64)
         ids = ids[~np.isin(ids, self._specials)]
         V, M = self.config.vocab_size, self.config.num_mem_tokens
@@ -559,6 +580,8 @@ class Feeder:
     def __init__(self, layout: ChunkLayout, device: torch.device, threaded: bool = True):
         self.layout, self.device, self.threaded = layout, torch.device(device), threaded
         self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         n, shape = layout.ring, (layout.steps, layout.slots, layout.T + EXTRA_COLS)
         self._host = [torch.zeros(shape, dtype=torch.int64, pin_memory=self.cuda) for _ in range(n)]
         self._host_np = [h.numpy() for h in self._host]

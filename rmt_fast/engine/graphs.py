@@ -109,7 +109,8 @@ class StepRunner:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: the feeder's thread keeps copying and syncing on its own stream meanwhile.
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 step_all(self.plan, self.state, self.inp, self.results, masked)
             return graph
         except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager, loudly

@@ -1,0 +1,153 @@
+"""The static all-slot step (what CUDA graphs capture): on the CPU against the compact loop and the
+oracle; on a GPU, graph replay against eager, warm-up that leaves memory alone, and flat VRAM."""
+import pytest
+import torch
+from transformers import BertConfig
+
+from conftest import requires_cuda
+from helpers import make_model, oracle, random_docs, tiny_model
+from rmt_fast import Engine
+from rmt_fast.bench import PeakMemory
+from rmt_fast.engine import graphs
+from rmt_fast.engine.feeder import COL_ACTIVE, COL_DEST, COL_KEYLEN, COL_RESET, EXTRA_COLS
+
+LENGTHS = [5, 90, 1, 18, 19, 37, 200, 3, 18 * 7, 36]
+
+
+def _static(engine):
+    engine.static_loop = True
+    return engine
+
+
+@pytest.mark.parametrize("alignment", ["right", "left"])
+def test_static_loop_matches_compact_loop_and_oracle(alignment):
+    model = tiny_model()
+    model.config = model.config.replace(segment_alignment=alignment)
+    docs = random_docs(LENGTHS, 60, low=3)
+    want = torch.stack([oracle(model, d) for d in docs])
+    for batch_size in (1, 3, 16):
+        compact = Engine(model).classify(docs, batch_size=batch_size)
+        static = _static(Engine(model)).classify(docs, batch_size=batch_size)
+        assert (static - compact).abs().max() <= 1e-6
+        assert (static.double() - want).abs().max() <= 1e-4
+
+
+def test_step_all_masks_idle_slots_and_resets_starting_ones():
+    model = tiny_model()
+    cfg = model.config
+    plan = Engine(model).plan
+    B, T, M, H = 3, cfg.input_size, cfg.num_mem_tokens, plan.hidden
+    state = torch.randn(B, M, H)
+    before = state.clone()
+    inp = torch.zeros(B, T + EXTRA_COLS, dtype=torch.int64)
+    inp[:, :T] = torch.randint(3, 60, (B, T))
+    inp[:, T + COL_KEYLEN] = T
+    inp[:, T + COL_DEST] = torch.tensor([0, 1, 5])           # row 5: the sink
+    inp[:, T + COL_ACTIVE] = torch.tensor([1, 1, 0])         # slot 2 idle
+    inp[:, T + COL_RESET] = torch.tensor([1, 0, 0])          # slot 0 starts a document
+    results = torch.full((6, cfg.num_labels), float("nan"))
+    graphs.step_all(plan, state, inp, results, masked=False)
+    mem = torch.stack([plan.initial_memory, before[1]])
+    logits, new = plan.step(inp[:2, :T], mem, None)
+    assert torch.equal(state[2], before[2])                  # idle: untouched, bit for bit
+    assert (state[:2] - new.float()).abs().max() <= 1e-6
+    assert (results[:2] - logits).abs().max() <= 1e-6 and torch.isnan(results[2:5]).all()
+
+
+def test_graph_status_on_cpu():
+    engine = Engine(tiny_model())
+    assert not engine.cuda_graphs and engine.graphs_status.startswith("off: device cpu")
+    assert graphs.why_not(torch.device("cpu")) is not None
+    runner = graphs.StepRunner(engine.plan, 2, 5, use_graphs=True)
+    assert runner.status.startswith("eager:")
+
+
+# -- on a GPU ----------------------------------------------------------------------------------------
+
+def _gpu_model():
+    torch.manual_seed(3)
+    bc = BertConfig(vocab_size=60, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=128, max_position_embeddings=64, initializer_range=0.2)
+    return make_model(bc, num_mem_tokens=3, input_size=24, cls_token_id=1, sep_token_id=2, pad_token_id=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("attention", ["auto", "sdpa"])
+def test_graph_replay_equals_eager(dtype, attention):
+    model = _gpu_model()
+    # Full segments first, padded ones later: the masked graph is captured mid-run, with live memory.
+    docs = [torch.randint(3, 60, (n,)) for n in (18 * 40, 18 * 33 + 5, 18 * 20, 7, 18 * 3)]
+    eager = Engine(model, "cuda", dtype, attention, cuda_graphs=False).classify(docs, batch_size=4)
+    engine = Engine(model, "cuda", dtype, attention, cuda_graphs=True)
+    graphed = engine.classify(docs, batch_size=4)
+    assert engine.graphs_status.startswith("on"), engine.graphs_status
+    assert "masked" in engine.graphs_status and "unmasked" in engine.graphs_status
+    assert (graphed - eager).abs().max() <= 1e-6
+    again = engine.classify(docs, batch_size=4)                             # replayed, nothing captured
+    assert torch.equal(again, graphed)
+    if dtype == torch.float32:
+        cpu = Engine(model).classify(docs, batch_size=4)
+        assert (graphed - cpu).abs().max() <= 1e-4
+
+
+@requires_cuda
+def test_warm_up_and_capture_leave_memory_alone():
+    model = _gpu_model()
+    engine = Engine(model, "cuda")
+    runner = graphs.StepRunner(engine.plan, 4, 9, use_graphs=True)
+    runner.state.copy_(torch.randn_like(runner.state))
+    runner.results.copy_(torch.randn_like(runner.results))
+    state, results = runner.state.clone(), runner.results.clone()
+    for masked in (False, True):
+        assert runner._graph(masked) is not None, runner.status
+        torch.cuda.synchronize()
+        assert torch.equal(runner.state, state) and torch.equal(runner.results, results)
+
+
+@requires_cuda
+def test_capture_failure_falls_back_to_eager(monkeypatch):
+    model = _gpu_model()
+    docs = [torch.randint(3, 60, (n,)) for n in (50, 7)]
+    want = Engine(model, "cuda", cuda_graphs=False).classify(docs, batch_size=2)
+
+    def broken(*a, **kw):
+        raise RuntimeError("no capture today")
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", broken)
+    engine = Engine(model, "cuda", cuda_graphs=True)
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        got = engine.classify(docs, batch_size=2)
+    assert "eager: CUDA graph capture failed" in engine.graphs_status
+    assert torch.equal(got, want)
+
+
+@requires_cuda
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_graphed_vram_flat_from_16_to_4096_segments(batch_size):
+    model = _gpu_model()
+    engine = Engine(model, "cuda", cuda_graphs=True)
+    S = model.config.segment_size
+    engine.classify([torch.randint(3, 60, (2 * S,))] * batch_size, batch_size=batch_size)   # capture
+    peaks = {}
+    for n in (16, 4096):
+        docs = [torch.randint(3, 60, (n * S,)) for _ in range(batch_size)]
+        with PeakMemory("cuda") as m:
+            engine.classify(docs, batch_size=batch_size)
+        peaks[n] = m.peak
+    assert engine.graphs_status.startswith("on")
+    assert peaks[4096] - peaks[16] <= 2**20, peaks
+
+
+@requires_cuda
+def test_streaming_on_cuda_matches_cpu(tmp_path):
+    from rmt_fast.tokenize import load_tokenizer
+    from helpers import ASSETS
+    tok = load_tokenizer(ASSETS)
+    torch.manual_seed(5)
+    bc = BertConfig(vocab_size=28996, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64, max_position_embeddings=64, initializer_range=0.2)
+    model = make_model(bc, num_mem_tokens=4, input_size=40, segment_alignment="left")
+    texts = ["word " * n for n in (1, 50, 700, 3000)]
+    cpu = Engine(model).classify_texts(texts, tok, batch_size=2)
+    gpu = Engine(model, "cuda").classify_texts(texts, tok, batch_size=2)
+    assert (gpu - cpu).abs().max() <= 1e-4
