@@ -1,0 +1,69 @@
+// Shared declarations of rmt_fast._C: the input checks every backend (CPU, CUDA, Meta) runs first,
+// and a dispatch helper over the floating dtypes the ops accept. Host code only: the .cu includes
+// it.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <utility>
+
+namespace rmt_fast {
+
+// CUDA segment_embed keeps one row of H float32 values in shared memory (48 KiB without opt-in).
+constexpr int64_t kMaxHiddenCuda = 12288;
+
+struct SegmentEmbedSizes {
+  int64_t B, T, M, H, V;
+};
+struct MemoryWriteSizes {
+  int64_t S, M, H, B, R;
+};
+struct MemoryResetSizes {
+  int64_t S, M, H;
+};
+
+// Metadata checks only (shapes, dtypes, devices, layout): they never read tensor data, so the Meta
+// kernels run them too and the CUDA path stays free of host synchronisation. Each raises a
+// c10::Error (RuntimeError in Python) naming the op, the argument, what was expected and what came.
+SegmentEmbedSizes check_segment_embed(const at::Tensor& ids, const at::Tensor& memory,
+                                      const at::Tensor& word_emb, const at::Tensor& pos_emb,
+                                      const at::Tensor& type_emb0, const at::Tensor& ln_weight,
+                                      const at::Tensor& ln_bias, double eps, const at::Tensor& out);
+MemoryWriteSizes check_memory_write(const at::Tensor& state, const at::Tensor& hidden,
+                                    int64_t row_offset, const at::Tensor& slots);
+MemoryResetSizes check_memory_reset(const at::Tensor& state, const at::Tensor& init,
+                                    const at::Tensor& reset);
+
+// Calls f(T{}) with T the C++ type of `dtype`: float32, bfloat16 or float16, and float64 when
+// kWithDouble. One switch instead of nested AT_DISPATCH macros, so two dtypes (tables x output) can
+// be dispatched readably; kWithDouble is a template argument so unused types are never
+// instantiated.
+template <bool kWithDouble, typename F>
+void dispatch_float(at::ScalarType dtype, const char* what, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      f(float{});
+      return;
+    case at::kBFloat16:
+      f(c10::BFloat16{});
+      return;
+    case at::kHalf:
+      f(c10::Half{});
+      return;
+    case at::kDouble:
+      if constexpr (kWithDouble) {
+        f(double{});
+        return;
+      }
+      break;
+    default:
+      break;
+  }
+  TORCH_CHECK(false, what, ": unsupported dtype ", dtype);
+}
+
+}  // namespace rmt_fast
