@@ -19,8 +19,20 @@ def _static(engine):
     return engine
 
 
+@pytest.fixture(params=["extension", "torch twins"])
+def memory_ops(request, monkeypatch):
+    """Both implementations of memory_write/memory_reset: rmt_fast._C's (where built) and the torch twins."""
+    from rmt_fast import _ext
+    if request.param == "torch twins":
+        monkeypatch.setattr(_ext, "_C", None)
+        monkeypatch.setattr(_ext, "_REASON", "turned off for this test")
+    elif not _ext.available():
+        pytest.skip(f"rmt_fast._C is not built: {_ext.why_unavailable()}")
+    return request.param
+
+
 @pytest.mark.parametrize("alignment", ["right", "left"])
-def test_static_loop_matches_compact_loop_and_oracle(alignment):
+def test_static_loop_matches_compact_loop_and_oracle(alignment, memory_ops):
     model = tiny_model()
     model.config = model.config.replace(segment_alignment=alignment)
     docs = random_docs(LENGTHS, 60, low=3)
@@ -32,7 +44,7 @@ def test_static_loop_matches_compact_loop_and_oracle(alignment):
         assert (static.double() - want).abs().max() <= 1e-4
 
 
-def test_step_all_masks_idle_slots_and_resets_starting_ones():
+def test_step_all_masks_idle_slots_and_resets_starting_ones(memory_ops):
     model = tiny_model()
     cfg = model.config
     plan = Engine(model).plan

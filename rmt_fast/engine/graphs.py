@@ -23,6 +23,7 @@ from typing import Dict, Optional
 
 import torch
 
+from .. import _ext
 from .feeder import COL_ACTIVE, COL_DEST, COL_KEYLEN, COL_RESET, EXTRA_COLS
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,11 @@ def step_all(plan, state: torch.Tensor, inp: torch.Tensor, results: torch.Tensor
     ids = inp[:, :T]                                                         # [B, T]
     key_len = inp[:, T + COL_KEYLEN].contiguous() if masked else None        # [B]
     dest = inp[:, T + COL_DEST]                                              # [B]
-    busy = (inp[:, T + COL_ACTIVE] != 0)[:, None, None]                      # [B, 1, 1]
-    start = (inp[:, T + COL_RESET] != 0)[:, None, None]
-    memory = torch.where(start, plan.initial_memory, state)                 # [B, M, H]
-    logits, new_memory = plan.step(ids, memory, key_len)
-    state.copy_(torch.where(busy, new_memory.float(), memory))
+    busy = inp[:, T + COL_ACTIVE] != 0                                       # [B] bool
+    _ext.memory_reset(state, plan.initial_memory, inp[:, T + COL_RESET] != 0)
+    logits, new_memory = plan.step(ids, state, key_len)                      # [B, L], [B, M, H]
+    slots = torch.where(busy, torch.arange(busy.numel(), device=busy.device), -1)   # -1: write nothing
+    _ext.memory_write(state, new_memory, 0, slots)
     results.index_copy_(0, dest, logits)
 
 

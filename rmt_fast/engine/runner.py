@@ -26,7 +26,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .. import segmentation
+from .. import _ext, segmentation
 from ..inputs import InvalidDocumentsError, as_documents
 from ..model import RMTForSequenceClassification
 from . import graphs
@@ -302,8 +302,9 @@ class Engine:
         ids, key_len, dest = step[:, :T], step[:, T].contiguous(), step[:, T + 1]
         reset = meta.reset[c]
         if reset:
-            idx = torch.tensor(reset, device=state.device)
-            state.index_copy_(0, idx, plan.initial_memory.expand(len(reset), -1, -1))
+            mask = torch.zeros(state.shape[0], dtype=torch.bool)
+            mask[reset] = True
+            _ext.memory_reset(state, plan.initial_memory, mask.to(state.device))
         kl = key_len if meta.masked[c] else None
         busy = meta.busy[c]
         if busy is None:                                                      # every slot busy
@@ -313,5 +314,5 @@ class Engine:
         else:
             idx = torch.tensor(busy, device=state.device)
             logits, new_mem = plan.step(ids[idx], state[idx], None if kl is None else kl[idx])
-            state.index_copy_(0, idx, new_mem.float())
+            _ext.memory_write(state, new_mem, 0, idx)
             results.index_copy_(0, dest[idx], logits)
