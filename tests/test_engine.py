@@ -135,3 +135,28 @@ def test_engine_with_triton_attention_matches_oracle():
     got = Engine(model, attention="triton").classify(docs, batch_size=3)
     want = torch.stack([oracle(model, d) for d in docs])
     assert (got.double() - want).abs().max() <= 1e-4
+
+
+def test_explicit_triton_without_gpu_or_interpreter_fails_loudly():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    import os
+    import subprocess
+    import sys
+    code = ("import sys; sys.path.insert(0, 'tests'); from helpers import make_model; from rmt_fast import Engine\n"
+            "from transformers import BertConfig\n"
+            "bc = BertConfig(vocab_size=60, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,"
+            " intermediate_size=64, max_position_embeddings=64)\n"  # head_dim 32: the kernel supports it
+            "m = make_model(bc, num_mem_tokens=3, input_size=24, cls_token_id=1, sep_token_id=2, pad_token_id=0)\n"
+            "try:\n    Engine(m, attention='triton').classify([[5, 6, 7]])\n"
+            "except RuntimeError as e:\n    print('ERR', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert "ERR attention backend 'triton' cannot run here" in res.stdout, res.stdout + res.stderr
+    assert "GPU" in res.stdout or "TRITON_INTERPRET" in res.stdout, res.stdout
+    # ... while 'auto' quietly takes another backend.
+    res = subprocess.run([sys.executable, "-c", code.replace("attention='triton'", "attention='auto'")],
+                         capture_output=True, text=True, env=env, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 0 and "ERR" not in res.stdout, res.stdout + res.stderr
