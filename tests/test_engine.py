@@ -160,3 +160,17 @@ def test_explicit_triton_without_gpu_or_interpreter_fails_loudly():
                          capture_output=True, text=True, env=env, timeout=120,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert res.returncode == 0 and "ERR" not in res.stdout, res.stdout + res.stderr
+
+
+def test_engine_same_with_and_without_the_extension(monkeypatch):
+    from rmt_fast import _ext
+    if not _ext.available():
+        pytest.skip(f"extension not built: {_ext.why_unavailable()}")
+    model = tiny_model()
+    docs = random_docs([1, 40, 19], 60, low=3)
+    with_ext = Engine(model).classify(docs, batch_size=2)
+    monkeypatch.setattr(_ext, "why_unavailable", lambda device=None: "disabled by the test")
+    without = Engine(model).classify(docs, batch_size=2)
+    assert (with_ext - without).abs().max() <= 1e-5
+    want = torch.stack([oracle(model, d) for d in docs])
+    assert (without.double() - want).abs().max() <= 1e-4

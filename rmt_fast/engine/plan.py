@@ -17,6 +17,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from .. import _ext
 from ..model import RMTForSequenceClassification
 from . import backends
 
@@ -99,15 +100,17 @@ class InferencePlan:
         classifier = model.model.classifier
         self.cls_w, self.cls_b = low(classifier.weight), low(classifier.bias)
         self._chosen: dict = {}
+        self._embed_out: dict = {}
 
     # -- pieces -----------------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """ids: [B, T] int64; memory: [B, M, H] float32 -> [B, T, H] in the plan's dtype."""
-        M = self.config.num_mem_tokens
-        x = self.word_emb[ids]
-        x[:, 1:M + 1] = memory
-        x += self.pos_emb[:ids.shape[1]] + self.type_emb0
-        return F.layer_norm(x, (self.hidden,), self.emb_ln_w, self.emb_ln_b, self.eps).to(self.dtype)
+        out = self._embed_out.get(ids.shape)
+        if out is None:  # one buffer per batch shape, reused every step
+            out = self._embed_out[ids.shape] = torch.empty(*ids.shape, self.hidden, device=self.device,
+                                                           dtype=self.dtype)
+        return _ext.segment_embed(ids, memory, self.word_emb, self.pos_emb, self.type_emb0,
+                                  self.emb_ln_w, self.emb_ln_b, self.eps, out)
 
     def _attend(self, q, k, v, key_lengths):
         key = (q.shape[1], key_lengths is None)
