@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import BertConfig
 
-from helpers import make_model, oracle, random_docs, tiny_model
+from helpers import make_model, oracle, random_docs
 from rmt_fast import Engine, RMTConfig, segmentation
 from rmt_fast.engine.feeder import (COL_ACTIVE, COL_DEST, COL_KEYLEN, COL_RESET, ChunkLayout, DocumentError, Feeder,
                                     IdsSource, TextSource, stream_chunks)
@@ -170,8 +170,6 @@ class _Flaky:
 
 
 def test_tokenizer_error_reaches_the_caller_named(tokenizer, novel):
-    model = tiny_model(num_mem_tokens=3, input_size=24)
-    model.config = model.config.replace(vocab_size=60)
     texts = _texts(novel, 12, max_chars=500)
     texts[7] = texts[7] + " BOOM"
     cfg = RMTConfig(vocab_size=28996, num_mem_tokens=3, input_size=24)
@@ -326,3 +324,19 @@ def test_progress_reports_rates(text_model, tokenizer, novel, capsys):
     Engine(text_model).classify_texts([novel[:5000]], tokenizer, progress=True)
     err = capsys.readouterr().err
     assert "seg/s" in err and "tok/s" in err
+
+
+def test_small_pieces_do_not_stall_a_wide_segment(tokenizer, novel):
+    """Pieces far smaller than a segment (499 tokens): the tokenizer must not pause below S + 1 tokens."""
+    cfg = RMTConfig(vocab_size=28996, num_mem_tokens=10, input_size=512, segment_alignment="left")
+    texts = [novel[:12_000], novel[20_000:21_000]]
+    documents = segmentation.clean_and_truncate([tokenize_long(t, tokenizer) for t in texts], cfg)
+    source = TextSource(((None, t) for t in texts), tokenizer, cfg, chunk_chars=64, chunks_per_piece=1,
+                        pieces_buffered=1)
+    per_doc, _, layout = collect(source, cfg, 2, 4, threaded=True)
+    _check_against_sync(per_doc, documents, cfg, layout.sink)
+
+
+def test_one_source_instead_of_a_list_is_refused(text_model, tokenizer):
+    with pytest.raises(TypeError, match="iterable of documents"):
+        Engine(text_model).classify_stream("some/file.txt", tokenizer)

@@ -313,7 +313,8 @@ class TextSource:
         self._limit = None if config.max_n_segments is None else config.segment_size * config.max_n_segments
         # A streaming document pauses its tokenization with this many tokens waiting (about
         # ``pieces_buffered`` pieces at ~5 characters a token); right/center documents never pause.
-        self._high_water = (pieces_buffered * chunk_chars * chunks_per_piece) // 4
+        # At least a few segments: the slot waits for S + 1 tokens, so pausing below that would deadlock.
+        self._high_water = max((pieces_buffered * chunk_chars * chunks_per_piece) // 4, 4 * (config.segment_size + 1))
         self.n_docs = None
 
     # -- tokenizer jobs, on the pool ---------------------------------------------------------------

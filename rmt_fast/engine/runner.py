@@ -171,6 +171,8 @@ class Engine:
         document gets NaN logits, a warning names it, and the run goes on).
         """
         self._check_options(batch_size, empty)
+        if isinstance(sources, (str, bytes, os.PathLike)) or hasattr(sources, "read"):
+            raise TypeError("sources must be an iterable of documents (e.g. a list of paths), not one document")
         if on_error not in ("raise", "nan"):
             raise ValueError(f"on_error must be 'raise' or 'nan', got {on_error!r}")
         if errors not in ("strict", "replace"):
