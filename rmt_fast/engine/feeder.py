@@ -290,8 +290,8 @@ def _private_copy(tokenizer):
 class TextSource:
     """Documents as texts (or readable sources) tokenized on a worker pool, in input order.
 
-    items: an iterable of (name, source, is_text); a text is a ``str`` held in memory, any other
-    source is read incrementally (see ``stream_chunks``). Up to ``lookahead`` documents are opened
+    items: an iterable of (name, source); a source that is a ``str`` is a text held in memory, any
+    other is read incrementally (see ``stream_chunks``). Up to ``lookahead`` documents are opened
     (and tokenized) ahead of the one a slot asks for next.
     """
 
@@ -315,7 +315,6 @@ class TextSource:
         # ``pieces_buffered`` pieces at ~5 characters a token); right/center documents never pause.
         # At least a few segments: the slot waits for S + 1 tokens, so pausing below that would deadlock.
         self._high_water = max((pieces_buffered * chunk_chars * chunks_per_piece) // 4, 4 * (config.segment_size + 1))
-        self.n_docs = None
 
     # -- tokenizer jobs, on the pool ---------------------------------------------------------------
     def _tokenize(self, doc: Doc, chunks: List[str], position: int) -> np.ndarray:
@@ -347,6 +346,7 @@ class TextSource:
                         next(pieces, [])))
                     doc.push(ids[:keep])
                     doc.finish(truncated=more)
+                    pieces.close()                  # read no further (closes a file now)
                     return
                 doc.push(ids)
                 with doc._cond:
@@ -385,7 +385,6 @@ class TextSource:
             if not self._open():
                 break
         if not self._opened:
-            self.n_docs = 0 if self.n_docs is None else self.n_docs
             return None
         return self._opened.popleft()
 
@@ -408,7 +407,7 @@ class ChunkMeta:
     reset: List[List[int]] = field(default_factory=list)             # per step: slots starting a document
     masked: List[bool] = field(default_factory=list)                 # per step: any busy segment padded
     finished: List[Tuple[int, int]] = field(default_factory=list)    # (document, result row)
-    started: List[int] = field(default_factory=list)                 # documents that took a slot
+    started: List[int] = field(default_factory=list)                 # documents whose first segment is here, in order
     truncated: List[int] = field(default_factory=list)               # documents cut at max_n_segments
     failed: Dict[int, str] = field(default_factory=dict)             # on_error='nan': document -> why
     n_segments: int = 0
@@ -499,7 +498,6 @@ class ChunkLayout:
                         if doc is None:
                             break
                         slot = self._active[b] = _Slot(doc)
-                        meta.started.append(doc.index)
                     try:
                         n, last = self._segment(slot, stop)
                     except FeederStopped:
@@ -519,6 +517,8 @@ class ChunkLayout:
                 slot.doc.read(n, row[M + 2:M + 2 + n])
                 row[M + 2 + n] = self.config.sep_token_id
                 first = slot.k == 0
+                if first:
+                    meta.started.append(slot.doc.index)
                 row[T + COL_KEYLEN] = M + 3 + n
                 row[T + COL_DEST] = base + c * B + b if last else self.sink
                 row[T + COL_ACTIVE] = 1
