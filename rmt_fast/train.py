@@ -293,7 +293,7 @@ class Trainer:
         while state["stage"] <= cfg.max_segments:
             n = state["stage"]
             if saved is None:
-                init = "initial model"
+                init = cfg.init or "initial model"
                 if n > cfg.min_segments:
                     init = self.out / "stages" / str(n - 1) / "best"
                     model = RMTForSequenceClassification.from_pretrained(init)
@@ -376,7 +376,7 @@ class Trainer:
                 if state["step"] % cfg.eval_every == 0 or finished:
                     acc = evaluate_accuracy(model, val_gen, n, cfg.val_samples, cfg.eval_batch_size, self.device)
                     model.train()
-                    improved = acc > state["best"]
+                    improved = acc >= state["best"]  # ties: the later, longer-trained model
                     if improved:
                         state["best"] = acc
                         if self.rank == 0:
