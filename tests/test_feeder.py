@@ -153,8 +153,8 @@ def test_stream_chunks_cut_anywhere_in_bytes(novel, tokenizer):
     whole = tokenizer(text[1:], add_special_tokens=False)["input_ids"]
     parts = [i for c in chunks for i in tokenizer(c, add_special_tokens=False)["input_ids"]]
     assert parts == whole
-    with pytest.raises(UnicodeDecodeError):
-        list(stream_chunks(iter([b"ok \xff bad"]), 100, 3))
+    with pytest.raises(ValueError, match="not valid UTF-8 at byte 5"):
+        list(stream_chunks(iter([b"ok ", b"\xc3\xa9\xff bad"]), 100, 3))
 
 
 class _Flaky:
@@ -340,3 +340,16 @@ def test_small_pieces_do_not_stall_a_wide_segment(tokenizer, novel):
 def test_one_source_instead_of_a_list_is_refused(text_model, tokenizer):
     with pytest.raises(TypeError, match="iterable of documents"):
         Engine(text_model).classify_stream("some/file.txt", tokenizer)
+
+
+def test_bad_bytes_are_named_with_their_offset(text_model, tokenizer, tmp_path):
+    """The CLI's wording: "not valid UTF-8 at byte N", N counted from the start of the file (BOM included)."""
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"\xef\xbb\xbf" + b"caf\xc3\xa9 " * 3000 + b"caf\xe9")
+    failures = {}
+    got = Engine(_with_alignment(text_model, "left")).classify_files(
+        [bad], tokenizer, on_error="nan", failures=failures, chunk_chars=64)
+    assert torch.isnan(got).all()
+    assert failures == {0: "not valid UTF-8 at byte 18006 (b'\\xe9'); re-encode it or pass errors='replace'"}
+    fixed = Engine(_with_alignment(text_model, "left")).classify_files([bad], tokenizer, errors="replace")
+    assert torch.isfinite(fixed).all()

@@ -63,9 +63,9 @@ class DocumentError(InvalidDocumentsError):
     The original exception is the ``__cause__``.
     """
 
-    def __init__(self, index: int, name: Optional[str], message: str):
-        self.index, self.name = index, name
-        super().__init__({index: f"{name}: {message}" if name else message})
+    def __init__(self, index: int, name: Optional[str], reason: str):
+        self.index, self.name, self.reason = index, name, reason
+        super().__init__({index: f"{name}: {reason}" if name else reason})
 
 
 class FeederStopped(Exception):
@@ -211,23 +211,39 @@ def _read_pieces(source, piece_chars: int, errors: str) -> Iterator[str]:
         with open(source, "rb") as f:
             yield from _read_pieces(f, piece_chars, errors)
         return
-    decoder = codecs.getincrementaldecoder("utf-8-sig")(errors=errors)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
+    fed = 0
+
+    def decode(data: bytes, final: bool = False) -> str:
+        nonlocal fed
+        pending = len(decoder.getstate()[0])          # bytes of a character cut by the last block
+        try:
+            text = decoder.decode(data, final)
+        except UnicodeDecodeError as e:
+            at = fed - pending + e.start
+            raise ValueError(f"not valid UTF-8 at byte {at} ({e.object[e.start:e.start + 1]!r}); re-encode it "
+                             "or pass errors='replace'") from None
+        fed += len(data)
+        return text
+
     read = getattr(source, "read", None)
     if read is not None:
         blocks = iter(lambda: read(piece_chars), "" if isinstance(source, io.TextIOBase) else b"")
     else:
         blocks = iter(source)
+    first = True
     for block in blocks:
-        if isinstance(block, str):
-            if block:
-                yield block
-        elif isinstance(block, (bytes, bytearray, memoryview)):
-            text = decoder.decode(bytes(block))
-            if text:
-                yield text
+        if isinstance(block, (bytes, bytearray, memoryview)):
+            text = decode(bytes(block))
+        elif isinstance(block, str):
+            text = block
         else:
             raise TypeError(f"a text stream must give str or bytes pieces, got {type(block).__name__}")
-    tail = decoder.decode(b"", final=True)
+        if first and text:
+            text, first = (text[1:] if text[0] == "\ufeff" else text), False     # a leading BOM
+        if text:
+            yield text
+    tail = decode(b"", final=True)
     if tail:
         yield tail
 
@@ -409,7 +425,7 @@ class ChunkMeta:
     finished: List[Tuple[int, int]] = field(default_factory=list)    # (document, result row)
     started: List[int] = field(default_factory=list)                 # documents whose first segment is here, in order
     truncated: List[int] = field(default_factory=list)               # documents cut at max_n_segments
-    failed: Dict[int, str] = field(default_factory=dict)             # on_error='nan': document -> why
+    failed: Dict[int, "DocumentError"] = field(default_factory=dict)  # on_error='nan': document -> error
     n_segments: int = 0
     n_tokens: int = 0
 
@@ -506,7 +522,7 @@ class ChunkLayout:
                         err = self._named(slot.doc, e)
                         if self.on_error == "raise":
                             raise err from e
-                        meta.failed[slot.doc.index] = str(err)
+                        meta.failed[slot.doc.index] = err
                         self._active[b] = None
                         continue
                     break
@@ -549,7 +565,9 @@ class ChunkLayout:
     def _named(doc: Doc, e: BaseException) -> DocumentError:
         if isinstance(e, DocumentError):
             return e
-        return DocumentError(doc.index, doc.name, f"{type(e).__name__}: {e}")
+        # Our own ValueErrors (bad bytes, empty, ids out of range) read well alone; others keep their type.
+        ours = type(e) is ValueError
+        return DocumentError(doc.index, doc.name, str(e) if ours else f"{type(e).__name__}: {e}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -686,3 +704,6 @@ class Feeder:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        if self.cuda:
+            # A copy still in flight must not land in device memory the allocator hands out again.
+            self._copy_stream.synchronize()

@@ -155,8 +155,8 @@ class Engine:
     def classify_stream(self, sources: Iterable, tokenizer, batch_size: int = 8, empty: str = "error",
                         progress: bool = False, chunk_chars: int = 1 << 16, workers: int = 2,
                         names: Optional[Sequence[str]] = None, errors: str = "strict",
-                        on_error: str = "raise", lookahead: Optional[int] = None,
-                        _texts: bool = False) -> torch.Tensor:
+                        on_error: str = "raise", failures: Optional[Dict[int, str]] = None,
+                        lookahead: Optional[int] = None, _texts: bool = False) -> torch.Tensor:
         """Logits [n, num_labels] of documents read incrementally, in input order.
 
         sources: an iterable (read lazily) of documents, each a path (``pathlib.Path``), a binary or
@@ -168,7 +168,8 @@ class Engine:
         or center alignment the cut points depend on the length, so each document is tokenized
         whole on the host (up to ``lookahead`` documents ahead) before it takes a slot.
         on_error: 'raise' (a DocumentError naming the document stops the run) or 'nan' (that
-        document gets NaN logits, a warning names it, and the run goes on).
+        document gets NaN logits and the run goes on; the reasons go into ``failures``, a dict
+        {index: why} the caller passes, or else into one warning per document).
         """
         self._check_options(batch_size, empty)
         if isinstance(sources, (str, bytes, os.PathLike)) or hasattr(sources, "read"):
@@ -191,14 +192,17 @@ class Engine:
         source = TextSource(items(), tokenizer, self.config, empty=empty, workers=workers,
                             lookahead=batch_size + 2 if lookahead is None else lookahead, chunk_chars=chunk_chars,
                             errors=errors)
-        failed: Dict[int, str] = {}
+        failed: Dict[int, DocumentError] = {}
         got = self._run(source, batch_size, empty, on_error, progress, total=None, failed=failed)
         n = max([*got, *failed], default=-1) + 1
         out = torch.full((n, self.config.num_labels), float("nan"))
         for d, logits in got.items():
             out[d] = logits
-        for d, why in sorted(failed.items()):
-            warnings.warn(f"document {d} gets NaN logits: {why}", RuntimeWarning, stacklevel=2)
+        for d, err in sorted(failed.items()):
+            if failures is not None:
+                failures[d] = err.reason
+            else:
+                warnings.warn(f"document {d} gets NaN logits: {err}", RuntimeWarning, stacklevel=2)
         return out
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -233,7 +237,7 @@ class Engine:
         return self._runners[key]
 
     def _run(self, source, slots: int, empty: str, on_error: str, progress: bool, total: Optional[int],
-             failed: Optional[Dict[int, str]] = None) -> Dict[int, torch.Tensor]:
+             failed: Optional[Dict[int, DocumentError]] = None) -> Dict[int, torch.Tensor]:
         """Run every document of ``source``; logits [num_labels] (CPU) by document index."""
         cfg, plan, dev = self.config, self.plan, self.device
         C = steps_per_chunk(slots)
