@@ -179,6 +179,8 @@ class Engine:
         if errors not in ("strict", "replace"):
             raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
         names = list(names) if names is not None else None
+        if hasattr(sources, "__len__"):   # no more slots than documents: on CUDA every slot computes
+            batch_size = max(1, min(batch_size, len(sources)))
 
         def items():
             for i, src in enumerate(sources):
