@@ -16,8 +16,8 @@ from transformers import BertConfig
 
 from helpers import make_model, oracle, random_docs
 from rmt_fast import Engine, RMTConfig, segmentation
-from rmt_fast.engine.feeder import (COL_ACTIVE, COL_DEST, COL_KEYLEN, COL_RESET, ChunkLayout, DocumentError, Feeder,
-                                    IdsSource, TextSource, stream_chunks)
+from rmt_fast.engine.feeder import (COL_ACTIVE, COL_DEST, COL_KEYLEN, COL_RESET, COL_SLOT, ChunkLayout, DocumentError,
+                                    Feeder, IdsSource, TextSource, stream_chunks)
 from rmt_fast.engine.schedule import make_schedule
 from rmt_fast.tokenize import load_tokenizer, tokenize_long
 
@@ -49,7 +49,8 @@ def _texts(novel, n, seed=0, max_chars=3000):
     out = []
     for i in range(n):
         a = int(torch.randint(0, len(novel) - max_chars, (1,), generator=g))
-        k = int(torch.randint(0, max_chars, (1,), generator=g)) if i % 7 else int(torch.randint(0, 40, (1,), generator=g))
+        top = max_chars if i % 7 else 40
+        k = int(torch.randint(0, top, (1,), generator=g))
         out.append(novel[a:a + k])
     return out
 
@@ -75,23 +76,28 @@ def collect(source, cfg, slots, steps, threaded, empty="special"):
         for meta, chunk in feed:
             started = list(meta.started)
             for c in range(meta.steps):
-                row_docs = []
-                for b in range(slots):
-                    r = chunk[c, b]
+                width, row_docs, n_busy = meta.width[c], [-1] * slots, 0
+                for pos in range(width):
+                    r = chunk[c, pos]
                     if not r[T + COL_ACTIVE]:
                         assert int(r[T + COL_DEST]) == layout.sink and not r[T + COL_RESET]
-                        current[b] = None
-                        row_docs.append(-1)
+                        assert int(r[T + COL_SLOT]) == -1
                         continue
+                    n_busy += 1
+                    b = int(r[T + COL_SLOT])
                     if r[T + COL_RESET]:
                         current[b] = started.pop(0)
                         assert current[b] not in per_doc
                         per_doc[current[b]] = []
                     d = current[b]
                     per_doc[d].append((r[:T].clone(), int(r[T + COL_KEYLEN]), int(r[T + COL_DEST])))
-                    row_docs.append(d)
+                    assert row_docs[b] == -1
+                    row_docs[b] = d
                     if meta.masked[c] is False:
                         assert int(r[T + COL_KEYLEN]) == T
+                # Busy rows first; the width is the busy count rounded up to a power of two (or all slots).
+                assert width == slots or (width >= n_busy > width // 2 and width & (width - 1) == 0)
+                assert meta.busy[c] is None or meta.busy[c] == list(range(n_busy))
                 table.append(row_docs)
             feed.release(meta)
     return per_doc, table, layout

@@ -11,7 +11,7 @@ from helpers import make_model, oracle, random_docs, tiny_model
 from rmt_fast import Engine
 from rmt_fast.bench import PeakMemory
 from rmt_fast.engine import graphs
-from rmt_fast.engine.feeder import COL_ACTIVE, COL_DEST, COL_KEYLEN, COL_RESET, EXTRA_COLS
+from rmt_fast.engine.feeder import COL_ACTIVE, COL_DEST, COL_KEYLEN, COL_RESET, COL_SLOT, EXTRA_COLS
 
 LENGTHS = [5, 90, 1, 18, 19, 37, 200, 3, 18 * 7, 36]
 
@@ -46,6 +46,24 @@ def test_static_loop_matches_compact_loop_and_oracle(alignment, memory_ops):
         assert (static.double() - want).abs().max() <= 1e-4
 
 
+def test_static_loop_runs_only_the_width_of_the_busy_rows():
+    """One long document among short ones: once they end, each step runs one row, not all slots."""
+    model = tiny_model()
+    S = model.config.segment_size
+    docs = random_docs([S * 50, S, S * 2 + 3, S], 60, low=3)
+    engine = _static(Engine(model))
+    widths, step = [], engine.plan.step
+
+    def counting(ids, memory, key_lengths):
+        widths.append(ids.shape[0])
+        return step(ids, memory, key_lengths)
+    engine.plan.step = counting
+    got = engine.classify(docs, batch_size=4)
+    assert widths[:3] == [4, 2, 2] and set(widths[3:]) == {1} and len(widths) == 50
+    want = torch.stack([oracle(model, d) for d in docs])
+    assert (got.double() - want).abs().max() <= 1e-4
+
+
 def test_step_all_masks_idle_slots_and_resets_starting_ones(memory_ops):
     model = tiny_model()
     cfg = model.config
@@ -59,6 +77,7 @@ def test_step_all_masks_idle_slots_and_resets_starting_ones(memory_ops):
     inp[:, T + COL_DEST] = torch.tensor([0, 1, 5])           # row 5: the sink
     inp[:, T + COL_ACTIVE] = torch.tensor([1, 1, 0])         # slot 2 idle
     inp[:, T + COL_RESET] = torch.tensor([1, 0, 0])          # slot 0 starts a document
+    inp[:, T + COL_SLOT] = torch.tensor([0, 1, -1])
     results = torch.full((6, cfg.num_labels), float("nan"))
     graphs.step_all(plan, state, inp, results, masked=False)
     mem = torch.stack([plan.initial_memory, before[1]])

@@ -1,12 +1,16 @@
 """The feeder: documents in, per-step host chunks of segment ids out, prepared ahead of the compute.
 
 A *chunk* is ``steps`` consecutive steps of the slot loop laid out in one int64 array
-``[steps, slots, T + 4]``: per step and slot the segment's ``T = input_size`` token ids
-(``[CLS] mem [SEP] text [SEP] [PAD]...``), then four columns (``COL_*`` below, counted from T):
+``[steps, slots, T + 5]``: per step and row a segment's ``T = input_size`` token ids
+(``[CLS] mem [SEP] text [SEP] [PAD]...``), then five columns (``COL_*`` below, counted from T):
 the key length, the result row its logits go to (a sink row unless it is its document's last
-segment), 1 if the slot is busy, 1 if the slot starts a document (its memory is reset first).
-Host-side lists in ``ChunkMeta`` repeat those decisions for the eager CPU loop, so the loop never
-reads anything back from the device.
+segment), 1 if the row is busy, 1 if it starts a document (its memory starts from the initial
+memory), and its slot (the row of the memory state it reads and writes; -1 for an idle row).
+While every slot is busy, row b is slot b. A step with idle slots is compacted: its busy rows come
+first and only the first ``width`` rows run (``width``: the busy count rounded up to a power of
+two, at most ``slots``), so the tail of a run does not compute idle slots, and a static-shape loop
+needs only a few batch shapes. ``ChunkMeta`` repeats the decisions on the host, so the loops never
+read anything back from the device.
 
 Slots take documents in the order the source gives them, the lowest free slot first; given the
 documents longest first this is exactly the LPT schedule of ``schedule.make_schedule``.
@@ -51,8 +55,8 @@ from ..config import RMTConfig
 from ..inputs import InvalidDocumentsError
 from ..tokenize import text_chunks
 
-COL_KEYLEN, COL_DEST, COL_ACTIVE, COL_RESET = 0, 1, 2, 3
-EXTRA_COLS = 4
+COL_KEYLEN, COL_DEST, COL_ACTIVE, COL_RESET, COL_SLOT = 0, 1, 2, 3, 4
+EXTRA_COLS = 5
 _POLL_S = 0.05  # how often a blocked thread looks at the stop flag
 
 
@@ -419,8 +423,8 @@ class ChunkMeta:
 
     ring_slot: int
     steps: int = 0
-    busy: List[Optional[List[int]]] = field(default_factory=list)    # per step; None = every slot
-    reset: List[List[int]] = field(default_factory=list)             # per step: slots starting a document
+    width: List[int] = field(default_factory=list)                   # per step: rows to run
+    busy: List[Optional[List[int]]] = field(default_factory=list)    # per step: busy rows; None = all `width`
     masked: List[bool] = field(default_factory=list)                 # per step: any busy segment padded
     finished: List[Tuple[int, int]] = field(default_factory=list)    # (document, result row)
     started: List[int] = field(default_factory=list)                 # documents whose first segment is here, in order
@@ -461,6 +465,7 @@ class ChunkLayout:
         idle[M + 2] = config.sep_token_id
         idle[T + COL_KEYLEN] = M + 3
         idle[T + COL_DEST] = self.sink
+        idle[T + COL_SLOT] = -1
         self._idle = idle
         self._active: List[Optional[_Slot]] = [None] * slots
         self._exhausted = False
@@ -504,7 +509,7 @@ class ChunkLayout:
         meta = ChunkMeta(ring_slot)
         base = ring_slot * self.steps * B
         for c in range(self.steps):
-            busy, reset, masked = [], [], False
+            busy, masked = [], False
             for b in range(B):
                 row = buf[c, b]
                 while True:
@@ -539,9 +544,8 @@ class ChunkLayout:
                 row[T + COL_DEST] = base + c * B + b if last else self.sink
                 row[T + COL_ACTIVE] = 1
                 row[T + COL_RESET] = int(first)
+                row[T + COL_SLOT] = b
                 busy.append(b)
-                if first:
-                    reset.append(b)
                 masked |= n < S
                 meta.n_tokens += n
                 slot.k += 1
@@ -554,8 +558,14 @@ class ChunkLayout:
                 break
             meta.steps += 1
             meta.n_segments += len(busy)
-            meta.busy.append(None if len(busy) == B else busy)
-            meta.reset.append(reset)
+            n = len(busy)
+            width = min(B, 1 << (n - 1).bit_length())
+            if width < B:                        # busy rows first, then idle ones up to the width
+                buf[c, :n] = buf[c, busy]        # (fancy indexing copies first: no aliasing)
+                buf[c, n:width] = self._idle
+                busy = list(range(n))
+            meta.width.append(width)
+            meta.busy.append(None if n == width else busy)
             meta.masked.append(masked)
         if meta.steps == 0 and not meta.failed:
             return None

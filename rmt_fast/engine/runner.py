@@ -8,9 +8,10 @@ decision out on the host a chunk of steps at a time, ahead, on a thread, and cop
 device ahead of use; the loop never reads anything back from the device within a chunk.
 
 Two loops over the same chunks:
-- static (CUDA): every slot computes every step with fixed shapes (``graphs.step_all``), replayed
-  from a CUDA graph per batch shape; idle slots compute garbage that is masked out.
-- compact (CPU): each step runs only the busy slots, eagerly (idle rows would cost real time).
+- static (CUDA): every row of a step's width computes, with fixed shapes (``graphs.step_all``),
+  replayed from a CUDA graph per width; idle rows compute garbage that is never written back.
+  The feeder compacts steps with idle slots to a power-of-two width, so the tail stays cheap.
+- compact (CPU): each step runs only the busy rows, eagerly (idle rows would cost real time).
 
 Results come back to the host a chunk late (a non-blocking copy and an event), so the host never
 waits for the step it has just enqueued. See docs/DRIVER.md.
@@ -30,7 +31,8 @@ from .. import _ext, segmentation
 from ..inputs import InvalidDocumentsError, as_documents
 from ..model import RMTForSequenceClassification
 from . import graphs
-from .feeder import ChunkLayout, DocumentError, Feeder, IdsSource, TextSource
+from .feeder import (COL_DEST, COL_KEYLEN, COL_RESET, COL_SLOT, ChunkLayout, DocumentError, Feeder, IdsSource,
+                     TextSource)
 from .plan import InferencePlan
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -274,10 +276,11 @@ class Engine:
                 for meta, chunk in feed:
                     T = cfg.input_size
                     for c in range(meta.steps):
+                        rows = chunk[c, :meta.width[c]]
                         if runner is not None:
-                            runner.step(chunk[c], meta.masked[c])
+                            runner.step(rows, meta.masked[c])
                         else:
-                            self._compact_step(state, results, chunk[c], T, meta, c)
+                            self._compact_step(state, results, rows, T, meta, c)
                     feed.release(meta)
                     k = meta.ring_slot
                     host_results[k].copy_(results[k * C * slots:(k + 1) * C * slots], non_blocking=cuda)
@@ -304,23 +307,16 @@ class Engine:
         return got
 
     def _compact_step(self, state, results, step, T: int, meta, c: int) -> None:
-        """One step of the busy slots only (the CPU loop). step: [B, T + 4] int64 (feeder layout)."""
+        """One step of the busy rows only (the CPU loop). step: [W, T + 5] int64 (feeder layout)."""
         plan = self.plan
-        # Column views are strided; kernels get contiguous key lengths (the Triton launcher assumes so).
-        ids, key_len, dest = step[:, :T], step[:, T].contiguous(), step[:, T + 1]
-        reset = meta.reset[c]
-        if reset:
-            mask = torch.zeros(state.shape[0], dtype=torch.bool)
-            mask[reset] = True
-            _ext.memory_reset(state, plan.initial_memory, mask.to(state.device))
-        kl = key_len if meta.masked[c] else None
         busy = meta.busy[c]
-        if busy is None:                                                      # every slot busy
-            logits, new_mem = plan.step(ids, state, kl)
-            state.copy_(new_mem)
-            results.index_copy_(0, dest, logits)
-        else:
-            idx = torch.tensor(busy, device=state.device)
-            logits, new_mem = plan.step(ids[idx], state[idx], None if kl is None else kl[idx])
-            _ext.memory_write(state, new_mem, 0, idx)
-            results.index_copy_(0, dest[idx], logits)
+        if busy is not None:
+            step = step[torch.tensor(busy)]
+        # Column views are strided; kernels get contiguous key lengths (the Triton launcher assumes so).
+        ids, key_len, dest = step[:, :T], step[:, T + COL_KEYLEN].contiguous(), step[:, T + COL_DEST]
+        slot = step[:, T + COL_SLOT].to(state.device)
+        start = (step[:, T + COL_RESET] != 0).to(state.device)[:, None, None]
+        memory = torch.where(start, plan.initial_memory, state[slot])           # [b, M, H]
+        logits, new_mem = plan.step(ids, memory, key_len if meta.masked[c] else None)
+        _ext.memory_write(state, new_mem, 0, slot)
+        results.index_copy_(0, dest, logits)
