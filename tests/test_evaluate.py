@@ -29,6 +29,14 @@ def model_dir(tmp_path_factory):
     return d
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_default_lengths():
     assert E.default_lengths(1) == [1]
     assert E.default_lengths(16) == [1, 2, 4, 8, 16]
@@ -89,7 +97,7 @@ def test_sharded_over_two_processes_equals_one(model_dir, tmp_path):
     common = ["-m", "rmt_fast.evaluate", str(model_dir), "--task", "detect", "--lengths", "1,3",
               "--samples", "7", "--batch-size", "3", "--no-progress", "--threads", "1"]
     for name, launcher in (("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                    "--master_port", "29531"]),
+                                    "--master_port", str(_free_port())]),
                            ("one", [sys.executable])):
         r = subprocess.run(launcher + common + ["--out", str(tmp_path / name)], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)

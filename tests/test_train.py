@@ -17,6 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 BERT_CASED = str(ROOT / "rmt_fast" / "data" / "bert-base-cased")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def tiny(out_dir, **kw) -> TrainConfig:
     """A 1-layer, 64-wide BERT on bert-base-cased's vocabulary, 2 memory tokens, 20-token segments."""
     base = dict(out_dir=str(out_dir), task=("memorize",), backbone=BERT_CASED, random_init=True, num_layers=1,
@@ -148,7 +156,7 @@ def _cli_args(out):
 
 
 def test_ddp_two_cpu_processes_match_one(tmp_path):
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
           "-m", "rmt_fast.train"] + _cli_args(tmp_path / "ddp"))
     _run([sys.executable, "-m", "rmt_fast.train"] + _cli_args(tmp_path / "one"))
     a, b = weights(tmp_path / "ddp" / "final"), weights(tmp_path / "one" / "final")
