@@ -133,8 +133,17 @@ def test_warm_up_and_capture_leave_memory_alone():
     runner.state.copy_(torch.randn_like(runner.state))
     runner.results.copy_(torch.randn_like(runner.results))
     state, results = runner.state.clone(), runner.results.clone()
-    for masked in (False, True):
-        assert runner._graph(masked) is not None, runner.status
+    T = model.config.input_size
+    example = torch.zeros(4, T + EXTRA_COLS, dtype=torch.int64, device="cuda")
+    example[:, :T] = torch.randint(3, 60, (4, T))
+    example[:, T + COL_KEYLEN] = torch.tensor([T, 7, T, 9])
+    example[:, T + COL_DEST] = torch.tensor([0, 8, 1, 8])
+    example[:, T + COL_ACTIVE] = 1
+    example[:, T + COL_RESET] = torch.tensor([1, 0, 0, 1])
+    example[:, T + COL_SLOT] = torch.arange(4)
+    for width in (4, 2):
+        for masked in (False, True):
+            assert runner._graph(example[:width], masked) is not None, runner.status
         torch.cuda.synchronize()
         assert torch.equal(runner.state, state) and torch.equal(runner.results, results)
 

@@ -97,27 +97,29 @@ class StepRunner:
     def step(self, inp: torch.Tensor, masked: bool) -> None:
         """Run one step whose input ``inp`` [W, T + 5] lies on the device (stream-ordered)."""
         width = inp.shape[0]
-        graph = self._graph(width, masked) if self.use_graphs and self.reason is None else None
+        graph = self._graph(inp, masked) if self.use_graphs and self.reason is None else None
         if graph is None:
             step_all(self.plan, self.state, inp, self.results, masked)
         else:
             self._inp[width].copy_(inp, non_blocking=True)
             graph.replay()
 
-    def _graph(self, width: int, masked: bool):
-        key = (width, masked)
+    def _graph(self, example: torch.Tensor, masked: bool):
+        key = (example.shape[0], masked)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(width, masked)
+            self._graphs[key] = self._capture(example, masked)
         return self._graphs[key]
 
-    def _capture(self, width: int, masked: bool):
+    def _capture(self, example: torch.Tensor, masked: bool):
+        """The graph of one step for ``example``'s width [W, T + 5], warmed up on ``example``."""
         try:
             current = torch.cuda.current_stream()
-            side = torch.cuda.Stream()
-            side.wait_stream(current)
+            inp = self._static_input(example.shape[0])
+            inp.copy_(example)
             # Warm up on scratch copies: this must not touch any document's memory or result.
-            inp = self._static_input(width)
             state, results = self.state.clone(), self.results.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(current)          # after the copies above
             with torch.cuda.stream(side):
                 for _ in range(WARMUP_STEPS):
                     step_all(self.plan, state, inp, results, masked)
