@@ -8,7 +8,9 @@ Four measurements, one table each, all saved to ``--out``/driver.json (and drive
 3. end-to-end time for those texts against max(tokenize alone, compute alone): the feeder's goal
    is end-to-end ~= the larger of the two;
 4. peak memory (CUDA allocator on a GPU, RSS on the CPU) and time against length, one document
-   of 1, 16, 256, 4096 segments.
+   of 1, 16, 256, 4096 segments;
+5. (``--stream-chars N``) one text of N characters streamed through ``classify_stream`` with left
+   alignment and read whole with right alignment: host RSS (and device) peak of each.
 
 The model is the built-in bert-base-cased shape with random weights (rmt_fast.bench.builtin_model).
 Defaults are small so it runs on a CPU in about a minute; for a GPU, e.g.:
@@ -123,6 +125,47 @@ def memory_sweep(model, args) -> list:
     return rows
 
 
+def _stream_one(args, alignment: str) -> dict:
+    """In a fresh process (RSS is not shared with earlier runs): one streamed text, one alignment."""
+    from rmt_fast.bench import _rss_bytes
+
+    torch.manual_seed(0)
+    model = builtin_model(args.layers)
+    model.config = model.config.replace(segment_alignment=alignment)
+    tokenizer = load_tokenizer(DATA / "bert-base-cased")
+    engine = Engine(model, args.device, args.dtype, args.attention)
+    engine.classify_texts(["warm up"], tokenizer)
+    corpus = " ".join(_texts(8, 200_000, seed=1))
+
+    def pieces():  # a pipe: 1.6M-character pieces until stream_chars have gone by
+        sent = 0
+        while sent < args.stream_chars:
+            yield corpus
+            sent += len(corpus)
+    rss0 = _rss_bytes()
+    with PeakMemory("cpu") as host, PeakMemory(engine.device) as dev:
+        t, _ = _timed(lambda: engine.classify_stream([pieces()], tokenizer, workers=args.workers), args.device)
+    chars = -(-args.stream_chars // len(corpus)) * len(corpus)
+    return {"alignment": alignment, "chars": chars, "seconds": t, "host_peak_mib": host.peak / 2**20,
+            "device_peak_mib": dev.peak / 2**20, "rss_start_mib": rss0 / 2**20}
+
+
+def stream_memory(args) -> list:
+    """A long text as a stream of pieces: left alignment streams it, right alignment holds its ids."""
+    import multiprocessing
+
+    rows = []
+    ctx = multiprocessing.get_context("spawn")
+    for alignment in ("left", "right"):
+        with ctx.Pool(1) as pool:
+            r = pool.apply(_stream_one, (args, alignment))
+        rows.append(r)
+        print(f"  {alignment:>5}: {r['chars']:,} characters in {r['seconds']:7.2f} s, host RSS peak "
+              f"+{r['host_peak_mib']:.1f} MiB" + (f", device peak +{r['device_peak_mib']:.1f} MiB"
+                                                 if args.device.startswith("cuda") else ""), flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
@@ -137,6 +180,7 @@ def main(argv=None) -> int:
     p.add_argument("--e2e-batch-size", type=int, default=4)
     p.add_argument("--workers", type=int, default=2, help="tokenizer threads")
     p.add_argument("--memory-segments", default="1,16,64", help="comma-separated lengths in segments")
+    p.add_argument("--stream-chars", type=int, default=0, help="characters of the streamed text (0: skip)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: segment,e2e,memory")
     p.add_argument("--out", default="benchmarks/results/driver")
     args = p.parse_args(argv)
@@ -183,6 +227,9 @@ def main(argv=None) -> int:
         result["memory"] = rows
         flat = rows[-1]["peak_mib"] - rows[0]["peak_mib"]
         print(f"  growth from {rows[0]['segments']} to {rows[-1]['segments']} segments: {flat:+.2f} MiB")
+    if args.stream_chars:
+        print(f"\n5. one text of {args.stream_chars:,} characters from a stream")
+        result["stream"] = stream_memory(args)
     (out / "driver.json").write_text(json.dumps(result, indent=2))
     print(f"\nsaved {out / 'driver.json'}")
     if "memory" in result:

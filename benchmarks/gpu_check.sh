@@ -103,8 +103,9 @@ step engine_bench 150 "$PY" benchmarks/bench_segments.py --device cuda --segment
 # SECTION: the driver (issue 4) - graph replay vs eager, VRAM flat to 4096 segments, feeder on CUDA; bench
 # ======================================================================================================
 step driver_tests 120 env -u TRITON_INTERPRET "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_feeder.py
-step driver_bench 150 "$PY" benchmarks/bench_driver.py --device cuda --dtype bfloat16 --layers 12 --batch-sizes 1,32 \
-    --segments 16 --memory-segments 1,16,256,4096 --docs 64 --doc-chars 20000 --e2e-batch-size 16 --workers 4 --out "$RESULTS/driver"
+step driver_bench 180 "$PY" benchmarks/bench_driver.py --device cuda --dtype bfloat16 --layers 12 --batch-sizes 1,32 \
+    --segments 16 --memory-segments 1,16,256,4096 --docs 64 --doc-chars 20000 --e2e-batch-size 16 --workers 4 \
+    --stream-chars 3000000 --out "$RESULTS/driver"
 
 # ======================================================================================================
 # (new sections go here, above the SUMMARY)
