@@ -359,3 +359,46 @@ def test_bad_bytes_are_named_with_their_offset(text_model, tokenizer, tmp_path):
     assert failures == {0: "not valid UTF-8 at byte 18006 (b'\\xe9'); re-encode it or pass errors='replace'"}
     fixed = Engine(_with_alignment(text_model, "left")).classify_files([bad], tokenizer, errors="replace")
     assert torch.isfinite(fixed).all()
+
+
+def test_real_ctrl_c_ends_the_process_promptly(tmp_path):
+    """SIGINT to a process in the middle of a long streamed run: KeyboardInterrupt, then a clean exit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    script = tmp_path / "run.py"
+    script.write_text(f"""
+import sys, torch
+sys.path.insert(0, {str(ROOT / 'tests')!r})
+from transformers import BertConfig
+from helpers import make_model
+from rmt_fast import Engine
+from rmt_fast.tokenize import load_tokenizer
+tok = load_tokenizer({str(TOKENIZER_DIR)!r})
+bc = BertConfig(vocab_size=28996, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=64)
+engine = Engine(make_model(bc, num_mem_tokens=4, input_size=40, segment_alignment="left"))
+def endless():
+    while True:
+        yield "many words in a text that never ends " * 100
+print("ready", flush=True)
+try:
+    engine.classify_stream([endless()], tok, progress=False)
+except KeyboardInterrupt:
+    import threading
+    left = [t.name for t in threading.enumerate() if t.name.startswith(("rmt-feeder", "rmt-tokenize"))]
+    print("interrupted; threads left:", left, flush=True)
+    raise SystemExit(130)
+""")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(2.0)                                             # well inside the run
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted; threads left: []" in out

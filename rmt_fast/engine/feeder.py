@@ -40,10 +40,10 @@ import itertools
 import os
 import queue
 import threading
+import time
 import unicodedata
 import weakref
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -307,6 +307,48 @@ def _private_copy(tokenizer):
                 free.append(tok)
 
 
+class _Workers:
+    """A few daemon threads running short jobs in submission order.
+
+    Not a ThreadPoolExecutor: its threads are joined at interpreter exit, so one blocked reading an
+    idle pipe would hang the exit; these are daemons, and ``shutdown`` waits for them a bounded time.
+    """
+
+    def __init__(self, n: int, name: str):
+        self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True) for i in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, args = job
+            fn(*args)                            # jobs handle their own errors
+
+    def submit(self, fn, *args) -> None:
+        if self._closed:
+            raise RuntimeError("the workers are shut down")
+        self._jobs.put((fn, args))
+
+    def shutdown(self, timeout: float) -> None:
+        """Drop queued jobs, let running ones finish (up to ``timeout`` seconds in all)."""
+        self._closed = True
+        while True:
+            try:
+                self._jobs.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self._threads:
+            self._jobs.put(None)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+
 class TextSource:
     """Documents as texts (or readable sources) tokenized on a worker pool, in input order.
 
@@ -326,7 +368,7 @@ class TextSource:
         self._items = enumerate(items)
         self._opened: deque = deque()
         self._exhausted = False
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rmt-tokenize")
+        self._pool = _Workers(workers, "rmt-tokenize")
         self._tokenizer = tokenizer
         self._stop = threading.Event()
         self._specials = np.array(config.special_token_ids, dtype=np.int64)
@@ -380,7 +422,7 @@ class TextSource:
         if not self._stop.is_set():
             try:
                 self._pool.submit(self._job, doc, pieces)
-            except RuntimeError:  # the pool is shut down: the feeder is closing
+            except RuntimeError:  # the workers are shut down: the feeder is closing
                 pass
 
     def _open(self) -> bool:
@@ -410,7 +452,7 @@ class TextSource:
 
     def close(self) -> None:
         self._stop.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(timeout=2.0)   # a job mid-piece finishes it; one blocked on a pipe is left
 
 
 # ---------------------------------------------------------------------------------------------
