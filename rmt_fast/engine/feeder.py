@@ -757,5 +757,6 @@ class Feeder:
             self._thread.join(timeout=10)
             self._thread = None
         if self.cuda:
-            # A copy still in flight must not land in device memory the allocator hands out again.
-            self._copy_stream.synchronize()
+            # A copy still in flight must not land in device memory the allocator hands out again:
+            # the device ring belongs to the compute stream, so order that stream after the copies.
+            torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
