@@ -65,7 +65,7 @@ def why_not(device: torch.device) -> Optional[str]:
 class StepRunner:
     """Static buffers for ``slots`` slots and ``result_rows`` result rows, and the step's graphs."""
 
-    def __init__(self, plan, slots: int, result_rows: int, use_graphs: bool):
+    def __init__(self, plan, slots: int, result_rows: int, use_graphs: bool, pool=None):
         cfg = plan.config
         dev = plan.device
         self.plan, self.slots = plan, slots
@@ -75,7 +75,7 @@ class StepRunner:
         self.use_graphs = use_graphs and dev.type == "cuda"
         self.reason: Optional[str] = None if self.use_graphs else (why_not(dev) or "graphs turned off")
         self._graphs: Dict[tuple, Optional[torch.cuda.CUDAGraph]] = {}              # (width, masked) ->
-        self._pool = None
+        self._pool = pool              # a graph memory pool shared with the Engine's other runners
 
     def _static_input(self, width: int) -> torch.Tensor:
         if width not in self._inp:

@@ -91,6 +91,7 @@ class Engine:
         # The static all-slot loop: always on CUDA; settable on the CPU to test that loop there.
         self.static_loop = self.device.type == "cuda"
         self._runners: Dict[tuple, graphs.StepRunner] = {}
+        self._graph_pool = None
         self._graphs_off_reason = None if self.cuda_graphs else (reason or "turned off (cuda_graphs=False)")
 
     @property
@@ -237,7 +238,11 @@ class Engine:
     def _runner(self, slots: int, result_rows: int) -> graphs.StepRunner:
         key = (slots, result_rows)
         if key not in self._runners:
-            self._runners[key] = graphs.StepRunner(self.plan, slots, result_rows, self.cuda_graphs)
+            if self.cuda_graphs and self._graph_pool is None:
+                # One pool for every batch shape's graphs: replays are sequential on one stream.
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            self._runners[key] = graphs.StepRunner(self.plan, slots, result_rows, self.cuda_graphs,
+                                                   pool=self._graph_pool)
         return self._runners[key]
 
     def _run(self, source, slots: int, empty: str, on_error: str, progress: bool, total: Optional[int],
