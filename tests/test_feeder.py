@@ -402,3 +402,33 @@ except KeyboardInterrupt:
         proc.kill()
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted; threads left: []" in out
+
+
+def test_a_slow_stream_hands_over_the_segments_it_has(tokenizer, novel):
+    """A pipe that stalls: the chunk ends early with the segments already there, rather than waiting."""
+    cfg = RMTConfig(vocab_size=28996, num_mem_tokens=3, input_size=24, segment_alignment="left")
+    gate = threading.Event()
+
+    def pieces():
+        yield novel[:3000]
+        gate.wait(20)
+        yield novel[3000:6000]
+
+    source = TextSource([("pipe", pieces())], tokenizer, cfg, chunk_chars=500, chunks_per_piece=2)
+    layout = ChunkLayout(source, cfg, 1, 64, ring=2)
+    with Feeder(layout, "cpu") as feed:
+        t0 = time.monotonic()
+        meta, _ = next(feed)
+        assert time.monotonic() - t0 < 10 and not gate.is_set()
+        assert 0 < meta.steps < 64 and not meta.finished
+        feed.release(meta)
+        gate.set()
+        steps = meta.steps + sum(m.steps for m, _ in _released(feed))
+    ids = tokenize_long(novel[:6000], tokenizer)
+    assert steps == -(-len(ids) // cfg.segment_size)
+
+
+def _released(feed):
+    for meta, chunk in feed:
+        feed.release(meta)
+        yield meta, chunk

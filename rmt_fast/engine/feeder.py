@@ -540,6 +540,13 @@ class ChunkLayout:
             return n, True
         return S, False
 
+    def _would_wait(self, slot: _Slot) -> bool:
+        """Whether the slot's next segment is not there yet (its ids are still being read)."""
+        doc = slot.doc
+        if doc.seg_lengths is not None or doc.complete:
+            return False
+        return self.config.segment_alignment != "left" or doc.available < self.S + 1
+
     def _check_empty(self) -> None:
         if self.empty == "error":
             raise ValueError("no tokens left after removing special ids (empty document); "
@@ -551,6 +558,8 @@ class ChunkLayout:
         meta = ChunkMeta(ring_slot)
         base = ring_slot * self.steps * B
         for c in range(self.steps):
+            if c and any(slot is not None and self._would_wait(slot) for slot in self._active):
+                break                            # hand over what is ready rather than wait with it
             busy, masked = [], False
             for b in range(B):
                 row = buf[c, b]
