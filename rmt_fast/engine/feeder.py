@@ -174,6 +174,13 @@ class Doc:
 # Sources: where documents come from
 # ---------------------------------------------------------------------------------------------
 
+def ready(doc: Doc, config: RMTConfig) -> bool:
+    """Whether a document's next segment can be laid out without waiting (or its error raised)."""
+    if doc.seg_lengths is not None or doc.complete or doc._error is not None:
+        return True
+    return config.segment_alignment == "left" and doc.available >= config.segment_size + 1
+
+
 class IdsSource:
     """Documents already tokenized and cleaned (``segmentation.Documents``), cut as ``segs``.
 
@@ -194,6 +201,9 @@ class IdsSource:
 
     def next_doc(self, stop: threading.Event) -> Optional[Doc]:
         return next(self._docs, None)
+
+    def next_ready(self) -> bool:
+        return True
 
     def close(self) -> None:
         pass
@@ -450,6 +460,10 @@ class TextSource:
             return None
         return self._opened.popleft()
 
+    def next_ready(self) -> bool:
+        """Whether the document ``next_doc`` gives next can start without waiting."""
+        return not self._opened or ready(self._opened[0], self.config)
+
     def close(self) -> None:
         self._stop.set()
         self._pool.shutdown(timeout=2.0)   # a job mid-piece finishes it; one blocked on a pipe is left
@@ -540,12 +554,15 @@ class ChunkLayout:
             return n, True
         return S, False
 
-    def _would_wait(self, slot: _Slot) -> bool:
-        """Whether the slot's next segment is not there yet (its ids are still being read)."""
-        doc = slot.doc
-        if doc.seg_lengths is not None or doc.complete:
-            return False
-        return self.config.segment_alignment != "left" or doc.available < self.S + 1
+    def _would_wait(self) -> bool:
+        """Whether laying out the next step would wait for ids still being read or tokenized."""
+        for slot in self._active:
+            if slot is None:
+                if not self._exhausted and not self.source.next_ready():
+                    return True
+            elif not ready(slot.doc, self.config):
+                return True
+        return False
 
     def _check_empty(self) -> None:
         if self.empty == "error":
@@ -558,7 +575,7 @@ class ChunkLayout:
         meta = ChunkMeta(ring_slot)
         base = ring_slot * self.steps * B
         for c in range(self.steps):
-            if c and any(slot is not None and self._would_wait(slot) for slot in self._active):
+            if c and self._would_wait():
                 break                            # hand over what is ready rather than wait with it
             busy, masked = [], False
             for b in range(B):
