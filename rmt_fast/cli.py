@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-COMMAND_MODULES = ["rmt_fast.bench", "rmt_fast.train", "rmt_fast.evaluate", "rmt_fast.analysis.flops",
+COMMAND_MODULES = ["rmt_fast.demo", "rmt_fast.bench", "rmt_fast.train", "rmt_fast.evaluate", "rmt_fast.analysis.flops",
                    "rmt_fast.analysis.attention_maps"]
 
 
