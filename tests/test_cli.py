@@ -77,3 +77,9 @@ def test_python_dash_m_info():
     res = subprocess.run([sys.executable, "-m", "rmt_fast", "info"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "torch" in res.stdout and "attention cpu/float32" in res.stdout
+
+
+def test_demo_on_the_shipped_model(capsys):
+    assert main(["demo", "--tokens", "3000", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "hidden fact(s):" in out and "truth:" in out and "segments/s" in out
