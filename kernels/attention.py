@@ -277,6 +277,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"Triton attention cannot run this input: scale {scale} is not finite")
 
     has_kl = key_lengths is not None
+    if has_kl:
+        key_lengths = key_lengths.contiguous()  # the kernel indexes it as a dense (batch,) vector
     args = (
         q, k, v, key_lengths if has_kl else q, out,
         q.stride(0), q.stride(1), q.stride(2),

@@ -16,16 +16,6 @@ COMMAND_MODULES = ["rmt_fast.demo", "rmt_fast.bench", "rmt_fast.train", "rmt_fas
 
 # -- classify -------------------------------------------------------------------------------------
 
-def read_text(path: str, errors: str) -> str:
-    """Decode as UTF-8 (a leading BOM is dropped); errors='strict' names the first bad byte."""
-    data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-    try:
-        return data.decode("utf-8-sig", errors=errors)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"not valid UTF-8 at byte {e.start} ({data[e.start:e.start + 1]!r}); "
-                         "re-encode it or pass --decode-errors replace") from None
-
-
 def _add_classify(subparsers):
     p = subparsers.add_parser("classify", help="classify long text files")
     p.add_argument("--model", required=True, help="an rmt_fast model folder, or a reference model_best.pth")
@@ -46,12 +36,9 @@ def _add_classify(subparsers):
 
 
 def run_classify(args) -> int:
-    import torch
-
     from .checkpoints import load_model
     from .engine import Engine
-    from .inputs import InvalidDocumentsError
-    from .tokenize import load_tokenizer, tokenize_long
+    from .tokenize import load_tokenizer
 
     model = load_model(args.model, backbone_config=args.backbone_config)
     tok_path = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
@@ -60,35 +47,25 @@ def run_classify(args) -> int:
         return 2
     tokenizer = load_tokenizer(tok_path)
     engine = Engine(model, device=args.device, dtype=args.dtype, attention=args.attention)
-
-    failures, names, docs = {}, [], []
-    for path in args.input:
-        try:
-            docs.append(tokenize_long(read_text(path, args.decode_errors), tokenizer))
-            names.append(path)
-        except (OSError, ValueError) as e:
-            failures[path] = str(e)
-    logits = torch.zeros(0, model.config.num_labels)
-    while docs:
-        try:
-            logits = engine.classify(docs, batch_size=args.batch_size, empty=args.empty,
-                                     progress=not args.no_progress)
-            break
-        except InvalidDocumentsError as e:  # drop the named documents, keep the rest
-            for i in sorted(e.problems, reverse=True):
-                failures[names.pop(i)] = e.problems[i]
-                docs.pop(i)
+    # Files are read, decoded and tokenized ahead on feeder threads while earlier segments compute; a
+    # document that fails gets a NaN row and its reason, and the others are still answered.
+    sources = [sys.stdin.buffer if p == "-" else Path(p) for p in args.input]
+    failures = {}
+    logits = engine.classify_stream(sources, tokenizer, names=args.input, batch_size=args.batch_size,
+                                    empty=args.empty, progress=not args.no_progress,
+                                    errors=args.decode_errors, on_error="nan", failures=failures)
     labels = model.config.label_names or tuple(str(i) for i in range(model.config.num_labels))
-    probs = torch.softmax(logits, dim=-1)
-    for name, p, doc in zip(names, probs, docs):
+    for i, (name, p) in enumerate(zip(args.input, logits.softmax(dim=-1))):
+        if i in failures:
+            continue
         k = int(p.argmax())
         if args.json:
-            print(json.dumps({"input": name, "label": labels[k], "tokens": int(doc.numel()),
+            print(json.dumps({"input": name, "label": labels[k],
                               "probabilities": {l: round(float(v), 6) for l, v in zip(labels, p)}}))
         else:
             print(f"{name}\t{labels[k]}\t{float(p[k]):.4f}")
-    for name, why in failures.items():
-        print(f"error: {name}: {why}", file=sys.stderr)
+    for i, why in sorted(failures.items()):
+        print(f"error: {args.input[i]}: {why}", file=sys.stderr)
     return 1 if failures else 0
 
 

@@ -18,7 +18,7 @@ from helpers import make_model, oracle, random_docs
 from rmt_fast import Engine, RMTConfig, segmentation
 from rmt_fast.engine.feeder import (COL_ACTIVE, COL_DEST, COL_KEYLEN, COL_RESET, COL_SLOT, ChunkLayout, DocumentError,
                                     Feeder, IdsSource, TextSource, stream_chunks)
-from rmt_fast.engine.schedule import make_schedule
+from lpt_schedule import make_schedule
 from rmt_fast.tokenize import load_tokenizer, tokenize_long
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +129,7 @@ def test_ids_feeder_yields_the_synchronous_segments(alignment, threaded):
     for slots, steps in ((1, 8), (4, 8), (7, 3)):
         per_doc, table, layout = collect(IdsSource(documents, segs), cfg, slots, steps, threaded)
         _check_against_sync(per_doc, documents, cfg, layout.sink)
-        # Longest-first, lowest free slot first: exactly the LPT schedule of schedule.py.
+        # Longest-first, lowest free slot first: exactly the LPT schedule of tests/lpt_schedule.py.
         sched = make_schedule(segs, slots)
         want_docs = torch.where(sched.table >= 0, segs.doc[sched.table.clamp(min=0)], -1)
         assert torch.equal(torch.tensor(table), want_docs)

@@ -113,6 +113,13 @@ def test_key_lengths_out_of_range_are_clamped():
                                atol=2e-5, rtol=2e-5)
 
 
+def test_strided_key_lengths():
+    """A key_lengths view with a stride (a column of a wider per-step table) is read correctly."""
+    q, k, v = fused_qkv(3, 40, 2, 32, torch.float32)
+    table = torch.tensor([[40, 7, 0], [13, 9, 1], [1, 5, 2]], device=DEVICE)
+    run_and_check(q, k, v, key_lengths=table[:, 0])
+
+
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
 def test_query_subset(padded, dtype):

@@ -13,7 +13,7 @@ needs only a few batch shapes. ``ChunkMeta`` repeats the decisions on the host, 
 read anything back from the device.
 
 Slots take documents in the order the source gives them, the lowest free slot first; given the
-documents longest first this is exactly the LPT schedule of ``schedule.make_schedule``.
+documents longest first this is exactly the LPT schedule (checked against tests/lpt_schedule.py).
 
 Threads (``threaded=True``): one producer lays chunks out into a ring of ``ring`` host buffers
 (pinned on CUDA) and copies each to the device on its own copy stream; events order that copy

@@ -1,4 +1,4 @@
-"""Which segment runs in which slot at which step, decided on the host before any compute.
+"""An independent LPT slot schedule (longest document first, to the slot free first): a test oracle for the feeder.
 
 Documents are handed to ``slots`` batch rows longest first (LPT); a slot whose document ends takes
 the next one on the following step. Nothing is padded to the longest document, and the whole plan is
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..segmentation import Segments
+from rmt_fast.segmentation import Segments
 
 
 @dataclass
