@@ -7,7 +7,10 @@
 // `out` themselves.
 #include <Python.h>
 #include <torch/headeronly/version.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
+
+#include <cmath>
 
 #include "rmt_fast.h"
 
@@ -133,6 +136,44 @@ MemoryResetSizes check_memory_reset(const at::Tensor& state, const at::Tensor& i
   return {S, M, H};
 }
 
+AttentionSizes check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const std::optional<at::Tensor>& key_lengths, double scale) {
+  const char* op = "attention";
+  CHECK_DIM(q, 4);
+  CHECK_DIM(k, 4);
+  CHECK_DIM(v, 4);
+  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3), Tk = k.size(1);
+  RMT_CHECK(k.size(0) == B && k.size(2) == H && k.size(3) == D,
+            "k must have shape (B, Tk, heads, D) with (B, heads, D) = (", B, ", ", H, ", ", D,
+            ") from q, got ", k.sizes());
+  CHECK_SHAPE(v, B, Tk, H, D);
+  RMT_CHECK(is_half_or_float(q.scalar_type()), "q must be float32, bfloat16 or float16, got ",
+            q.scalar_type());
+  CHECK_DTYPE(k, q.scalar_type());
+  CHECK_DTYPE(v, q.scalar_type());
+  RMT_CHECK(q.stride(3) == 1 || D <= 1, "q must have stride 1 in its last dimension, got strides ",
+            q.strides());
+  RMT_CHECK(k.stride(3) == 1 || D <= 1, "k must have stride 1 in its last dimension, got strides ",
+            k.strides());
+  RMT_CHECK(v.stride(3) == 1 || D <= 1, "v must have stride 1 in its last dimension, got strides ",
+            v.strides());
+  RMT_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  const auto dev = q.device();
+  const char* dev_name = "q";
+  CHECK_DEVICE(k, dev);
+  CHECK_DEVICE(v, dev);
+  if (key_lengths.has_value()) {
+    const at::Tensor& key_lengths_ = *key_lengths;
+    RMT_CHECK(key_lengths_.dim() == 1 && key_lengths_.size(0) == B,
+              "key_lengths must have shape (B) = [", B, "], got ", key_lengths_.sizes());
+    RMT_CHECK(key_lengths_.scalar_type() == at::kLong, "key_lengths must be ", at::kLong, ", got ",
+              key_lengths_.scalar_type());
+    RMT_CHECK(key_lengths_.device() == dev, "key_lengths is on ", key_lengths_.device(), " but ",
+              dev_name, " is on ", dev, "; all tensors must be on one device");
+  }
+  return {B, Tq, Tk, H, D};
+}
+
 namespace {
 
 // Meta kernels: the checks and nothing else (the ops return nothing and change no metadata).
@@ -149,6 +190,11 @@ void memory_write_meta(at::Tensor& state, const at::Tensor& hidden, int64_t row_
 void memory_reset_meta(at::Tensor& state, const at::Tensor& init, const at::Tensor& reset) {
   check_memory_reset(state, init, reset);
 }
+at::Tensor attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const std::optional<at::Tensor>& key_lengths, double scale) {
+  const AttentionSizes sz = check_attention(q, k, v, key_lengths, scale);
+  return at::empty({sz.B, sz.Tq, sz.H * sz.D}, q.options());
+}
 
 }  // namespace
 
@@ -158,12 +204,15 @@ TORCH_LIBRARY(rmt_fast, m) {
       "Tensor ln_weight, Tensor ln_bias, float eps, Tensor(a!) out) -> ()");
   m.def("memory_write(Tensor(a!) state, Tensor hidden, int row_offset, Tensor slots) -> ()");
   m.def("memory_reset(Tensor(a!) state, Tensor init, Tensor reset) -> ()");
+  // Returns a new tensor (no alias of an input): (B, Tq, heads * D), contiguous, q's dtype.
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rmt_fast, Meta, m) {
   m.impl("segment_embed", &segment_embed_meta);
   m.impl("memory_write", &memory_write_meta);
   m.impl("memory_reset", &memory_reset_meta);
+  m.impl("attention", &attention_meta);
 }
 
 }  // namespace rmt_fast
@@ -179,7 +228,8 @@ TORCH_LIBRARY_IMPL(rmt_fast, Meta, m) {
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C",
-      "rmt_fast._C: custom ops in torch.ops.rmt_fast (segment_embed, memory_write, memory_reset)",
+      "rmt_fast._C: custom ops in torch.ops.rmt_fast (segment_embed, memory_write, memory_reset, "
+      "attention)",
       -1, nullptr};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;

@@ -9,6 +9,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <optional>
 #include <utility>
 
 namespace rmt_fast {
@@ -25,6 +26,9 @@ struct MemoryWriteSizes {
 struct MemoryResetSizes {
   int64_t S, M, H;
 };
+struct AttentionSizes {
+  int64_t B, Tq, Tk, H, D;
+};
 
 // Metadata checks only (shapes, dtypes, devices, layout): they never read tensor data, so the Meta
 // kernels run them too and the CUDA path stays free of host synchronisation. Each raises a
@@ -37,6 +41,10 @@ MemoryWriteSizes check_memory_write(const at::Tensor& state, const at::Tensor& h
                                     int64_t row_offset, const at::Tensor& slots);
 MemoryResetSizes check_memory_reset(const at::Tensor& state, const at::Tensor& init,
                                     const at::Tensor& reset);
+// attention: q (B, Tq, heads, D), k and v (B, Tk, heads, D), one dtype (float32, bfloat16, float16),
+// any strides with the last one 1; key_lengths None or (B,) int64; scale finite.
+AttentionSizes check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const std::optional<at::Tensor>& key_lengths, double scale);
 
 // Calls f(T{}) with T the C++ type of `dtype`: float32, bfloat16 or float16, and float64 when
 // kWithDouble. One switch instead of nested AT_DISPATCH macros, so two dtypes (tables x output) can

@@ -14,6 +14,7 @@ comes here three ways, with one signature:
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import traceback
 import warnings
@@ -26,6 +27,7 @@ __all__ = [
     "segment_embed", "segment_embed_op", "segment_embed_torch",
     "memory_write", "memory_write_op", "memory_write_torch",
     "memory_reset", "memory_reset_op", "memory_reset_torch",
+    "attention", "attention_op", "attention_torch", "attention_why_unavailable",
 ]
 
 _C = None
@@ -338,3 +340,55 @@ def memory_reset(state, init, reset):
     """memory_reset by the extension where it runs on state's device, else by plain torch."""
     impl = memory_reset_op if why_unavailable(state.device) is None else memory_reset_torch
     impl(state, init, reset)
+
+
+# --- attention ------------------------------------------------------------------------------------
+
+def attention_why_unavailable(device: torch.device | str | None = None) -> str | None:
+    """Why torch.ops.rmt_fast.attention cannot run (on ``device``, if given), or None when it can.
+
+    The op has a CPU kernel only; a rmt_fast._C built before the op existed lacks it.
+    """
+    if _C is None:
+        return _REASON
+    if not hasattr(torch.ops.rmt_fast, "attention"):
+        return ("rmt_fast._C was built without the attention op (an older build): rebuild it with "
+                "`pip install --no-build-isolation -e .`")
+    if device is not None and torch.device(device).type != "cpu":
+        return f"the attention op has a CPU kernel only, not {torch.device(device).type.upper()} tensors"
+    return None
+
+
+def attention_torch(q, k, v, key_lengths=None, scale=None):
+    """softmax(scale * q k^T + key padding mask) v in float32, as torch.ops.rmt_fast.attention.
+
+    q: (B, Tq, heads, D); k, v: (B, Tk, heads, D), one dtype (float32, bfloat16 or float16), any
+    strides; key_lengths: None or (B,) int64, keys at positions >= key_lengths[b] masked, a row with
+    no key gives zeros; scale: float (None: 1/sqrt(D)). Returns (B, Tq, heads * D) contiguous in q's
+    dtype.
+    """
+    B, Tq, Hh, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    qh, kh, vh = (x.float().transpose(1, 2) for x in (q, k, v))               # [B, Hh, T, D]
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale                   # [B, Hh, Tq, Tk]
+    if key_lengths is not None:
+        mask = torch.arange(k.shape[1], device=q.device)[None, :] < key_lengths[:, None]
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+    out = torch.matmul(probs, vh).transpose(1, 2).reshape(B, Tq, Hh * D)
+    return out.to(q.dtype).contiguous()
+
+
+def attention_op(q, k, v, key_lengths=None, scale=None):
+    """attention through torch.ops.rmt_fast (see attention_torch for the semantics)."""
+    reason = attention_why_unavailable()
+    if reason is not None:
+        raise RuntimeError(f"rmt_fast.attention is not available: {reason}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return torch.ops.rmt_fast.attention(q, k, v, key_lengths, scale)
+
+
+def attention(q, k, v, key_lengths=None, scale=None):
+    """attention by the extension where it runs on q's device (the CPU), else by plain torch."""
+    impl = attention_op if attention_why_unavailable(q.device) is None else attention_torch
+    return impl(q, k, v, key_lengths, scale)

@@ -8,6 +8,8 @@ with keys at positions >= key_lengths[b] masked, and returns [B, Tq, heads * D].
 - ``matmul``: the three steps as batched matmuls, the plain statement of the math. On this project's
   CPUs it is slower than SDPA in every dtype (the softmax pass dominates; docs/PERF.md).
 - ``triton``: the fused kernel in ``rmt_fast.kernels.attention`` (CUDA, or Triton's interpreter).
+- ``cpp``: the fused CPU op ``torch.ops.rmt_fast.attention`` of the compiled extension (blocked
+  online softmax, oneDNN/AMX micro-kernel products; docs/EXTENSION.md). CPU tensors only.
 
 Each backend can say why it cannot run an input. ``auto`` picks the first that can, quietly; an
 explicitly requested backend that cannot run raises with its reason.
@@ -20,7 +22,7 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "matmul", "triton")
+BACKENDS = ("sdpa", "matmul", "triton", "cpp")
 
 
 def _padding_mask(key_lengths: Optional[torch.Tensor], Tk: int, device) -> Optional[torch.Tensor]:
@@ -69,17 +71,34 @@ def _triton_attention(q, k, v, key_lengths=None, scale=None):
     return attention(q, k, v, key_lengths=key_lengths, scale=scale)
 
 
+def _cpp_why_not(q, k, v, key_lengths):
+    from .. import _ext
+    reason = _ext.attention_why_unavailable()
+    if reason is not None:
+        return f"the rmt_fast._C extension is not built: {reason}"
+    if q.device.type != "cpu":
+        return f"the cpp backend runs on the CPU only, not on {q.device.type.upper()} tensors"
+    return _dtype_ok(q)
+
+
+def _cpp_attention(q, k, v, key_lengths=None, scale=None):
+    from .. import _ext
+    return _ext.attention_op(q, k, v, key_lengths, scale)
+
+
 def _dtype_ok(q):
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"dtype {q.dtype} is not supported"
     return None
 
 
-_IMPLS: Dict[str, Callable] = {"sdpa": sdpa_attention, "matmul": matmul_attention, "triton": _triton_attention}
+_IMPLS: Dict[str, Callable] = {"sdpa": sdpa_attention, "matmul": matmul_attention, "triton": _triton_attention,
+                               "cpp": _cpp_attention}
 _WHY_NOT: Dict[str, Callable] = {
     "sdpa": lambda q, k, v, kl: _dtype_ok(q),
     "matmul": lambda q, k, v, kl: _dtype_ok(q),
     "triton": _triton_why_not,
+    "cpp": _cpp_why_not,
 }
 
 
@@ -87,7 +106,12 @@ def priority(device: torch.device, dtype: torch.dtype) -> tuple:
     """The order ``auto`` tries backends in, fastest first for this device and dtype (see docs/PERF.md)."""
     if device.type == "cuda":
         return ("triton", "sdpa", "matmul")
-    return ("sdpa", "matmul")
+    # cpp (the fused op) beats SDPA on the CPU in float32 and bfloat16 at 1 and 2 threads
+    # (docs/EXTENSION.md, "Fused CPU attention"); without the extension select() moves on to sdpa.
+    # float16 runs float32 products with scalar conversions there (no AMX-FP16 here): slower.
+    if dtype in (torch.float32, torch.bfloat16):
+        return ("cpp", "sdpa", "matmul")
+    return ("sdpa", "matmul", "cpp")
 
 
 def why_not(name: str, q, k, v, key_lengths=None) -> Optional[str]:
