@@ -24,11 +24,10 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 

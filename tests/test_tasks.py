@@ -1,7 +1,7 @@
 """Task generators: exact segment counts, facts intact and unique, question last, determinism, splits."""
 import gzip
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -9,7 +9,7 @@ from rmt_fast import segmentation
 from rmt_fast.config import RMTConfig
 from rmt_fast import tasks as T
 
-BERT_CASED = T.Path(__file__).resolve().parents[1] / "rmt_fast" / "data" / "bert-base-cased"
+BERT_CASED = Path(__file__).resolve().parents[1] / "rmt_fast" / "data" / "bert-base-cased"
 
 
 @pytest.fixture(scope="module")
