@@ -95,8 +95,10 @@ setup(
     python_requires=">=3.10",
     packages=["rmt_fast", "rmt_fast.engine", "rmt_fast.analysis", "rmt_fast.kernels"],
     package_dir={"rmt_fast.kernels": "kernels"},
-    # bert-base-cased vocabulary and config (the built-in default shape) and the background novels.
-    package_data={"rmt_fast": ["data/SOURCES.md", "data/bert-base-cased/*", "data/noise/*.txt.gz"]},
+    # bert-base-cased vocabulary and config (the built-in default shape), the background novels, and the
+    # shipped default model with its training metrics.
+    package_data={"rmt_fast": ["data/SOURCES.md", "data/bert-base-cased/*", "data/noise/*.txt.gz",
+                               "data/default_model/*", "data/default_model/training/*"]},
     install_requires=[
         "torch>=2.4", "transformers>=4.40", "numpy", "safetensors", "tqdm", "matplotlib",
     ],

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .config import RMTConfig
+from .tokenize import load_tokenizer  # noqa: F401  (re-exported: tasks.load_tokenizer)
 
 PLACES = ("bathroom", "hallway", "garden", "office", "bedroom", "kitchen")
 LABEL_NAMES = PLACES
@@ -70,28 +71,6 @@ class Sample:
 
 def noise_dir() -> Path:
     return Path(str(resources.files("rmt_fast") / "data" / "noise"))
-
-
-def load_tokenizer(path):
-    """A BertTokenizerFast from a vocab.txt or a directory holding one (e.g. a saved model directory).
-
-    Casing follows the directory's tokenizer_config.json when present, else the vocabulary itself:
-    a vocabulary without upper-case word pieces is an uncased one.
-    """
-    from transformers import BertTokenizerFast
-
-    path = Path(path)
-    vocab = path / "vocab.txt" if path.is_dir() else path
-    if not vocab.is_file():
-        raise FileNotFoundError(f"no vocab.txt at {path}")
-    conf_file = vocab.parent / "tokenizer_config.json"
-    lower = None
-    if conf_file.is_file():
-        lower = json.loads(conf_file.read_text()).get("do_lower_case")
-    if lower is None:
-        words = vocab.read_text(encoding="utf-8").split("\n")
-        lower = not any(w[:1].isupper() for w in words if not w.startswith("["))
-    return BertTokenizerFast(vocab=str(vocab), do_lower_case=bool(lower))
 
 
 def _sentences(text: str) -> List[str]:

@@ -31,6 +31,7 @@ import torch
 from .. import segmentation
 from ..config import RMTConfig
 from ..inputs import as_documents
+from ..tokenize import load_tokenizer
 
 LABELS = ("pad", "cls", "memory", "sep", "background", "fact", "question")
 PAD, CLS, MEMORY, SEP, BACKGROUND, FACT, QUESTION = range(len(LABELS))
@@ -466,12 +467,6 @@ def _tokenizer_dir(args) -> str:
     return str(BUNDLED_TOKENIZER)
 
 
-def _load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
 def _read_input(path: Path, tokenizer_dir: str):
     """(ids, fact_spans, question_spans, tokenizer or None) from a .json or text file."""
     if path.suffix == ".json":
@@ -482,7 +477,7 @@ def _read_input(path: Path, tokenizer_dir: str):
             raise ValueError(f"{path}: expected a list of ids or an object with 'input_ids'")
         return (data["input_ids"], [tuple(s) for s in data.get("fact_spans", [])],
                 [tuple(s) for s in data.get("question_spans", [])], None)
-    tok = _load_tokenizer(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir)
     ids = tok(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
     return ids, [], [], tok
 
@@ -525,7 +520,7 @@ def run(args) -> int:
         questions = list(questions) + list(args.question_spans)
         if args.fact_text or args.question_text:
             if tok is None:
-                tok = _load_tokenizer(tok_dir)
+                tok = load_tokenizer(tok_dir)
             for text, dest in [(t, facts) for t in args.fact_text] + [(t, questions) for t in args.question_text]:
                 found = find_token_spans(ids, tok(text, add_special_tokens=False)["input_ids"])
                 if not found:
