@@ -93,7 +93,8 @@ def plot(rows, path: Path, title: str) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     x = [r["tokens"] for r in rows]
     a.plot(x, [r["ms_per_segment"] for r in rows], "o-")
-    a.set(xscale="log", xlabel="input length (tokens)", ylabel="ms per segment", title="time per segment")
+    a.set(xscale="log", xlabel="input length (tokens)", ylabel="ms per segment", title="time per segment",
+          ylim=(0, 1.2 * max(r["ms_per_segment"] for r in rows)))
     b.plot(x, [r["peak_mib"] for r in rows], "o-")
     b.set(xscale="log", xlabel="input length (tokens)", ylabel="peak memory above start (MiB)",
           title="peak memory", ylim=(0, max(1.0, 1.5 * max(r["peak_mib"] for r in rows))))
