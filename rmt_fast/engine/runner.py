@@ -68,12 +68,11 @@ def resolve_dtype(dtype) -> torch.dtype:
     raise ValueError(f"dtype {dtype!r} is not supported; choose float32, bfloat16 or float16")
 
 
-
-
 class Engine:
     """Fast inference for an ``RMTForSequenceClassification``.
 
-    attention: 'auto' (fastest backend that can run, see ``engine.backends``), 'sdpa', 'matmul' or 'triton'.
+    attention: 'auto' (fastest backend that can run, see ``engine.backends``), 'cpp' (the extension's
+    fused CPU kernel), 'sdpa', 'matmul' or 'triton'.
     cuda_graphs: replay each step from a CUDA graph (None: on CUDA unless RMT_FAST_CUDA_GRAPHS=0).
     overlap: lay out (and tokenize, and copy) later steps on threads while the current ones compute;
     False does it in turn on the caller's thread (the same results, for benchmarks).
