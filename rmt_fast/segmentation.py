@@ -50,20 +50,34 @@ def _offsets(counts: torch.Tensor) -> torch.Tensor:
 
 
 def clean_and_truncate(docs: Sequence[torch.Tensor], config: RMTConfig) -> Documents:
-    """Remove special ids and keep the head of each document (the reference's ``seq[:S*max_n_segments]``)."""
+    """Remove special ids and keep the head of each document (the reference's ``seq[:S*max_n_segments]``).
+
+    Host memory stays close to the ids themselves: one document is not copied to be concatenated, a
+    document without special ids is not copied to be filtered, and the per-token document index
+    (needed only to regroup several documents) is int32.
+    """
     lengths = torch.tensor([d.numel() for d in docs], dtype=torch.int64)
     if len(docs) == 0:
         empty = torch.zeros(0, dtype=torch.int64)
         return Documents(empty, empty, empty)
-    flat = torch.cat([d.reshape(-1).to(torch.int64) for d in docs])
-    doc_of = torch.repeat_interleave(torch.arange(len(docs)), lengths)
+    flat = docs[0].reshape(-1).to(torch.int64) if len(docs) == 1 else \
+        torch.cat([d.reshape(-1).to(torch.int64) for d in docs])
     keep = ~torch.isin(flat, torch.tensor(config.special_token_ids, dtype=torch.int64))
+
+    def doc_of():
+        return torch.repeat_interleave(torch.arange(len(docs), dtype=torch.int32), lengths)
+
     if config.max_n_segments is not None:
         # Rank of each kept token inside its document; drop those past the limit.
         kept_upto = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(keep, 0)])
-        rank = kept_upto[:-1] - kept_upto[_offsets(lengths)][doc_of]
+        rank = kept_upto[:-1] - (kept_upto[_offsets(lengths)][doc_of()] if len(docs) > 1 else 0)
         keep &= rank < config.segment_size * config.max_n_segments
-    new_lengths = torch.bincount(doc_of[keep], minlength=len(docs))
+    if bool(keep.all()):
+        return Documents(flat, _offsets(lengths), lengths)
+    if len(docs) == 1:
+        new_lengths = keep.sum().reshape(1)
+    else:
+        new_lengths = torch.bincount(doc_of()[keep], minlength=len(docs))
     return Documents(flat[keep], _offsets(new_lengths), new_lengths)
 
 

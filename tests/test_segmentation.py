@@ -58,3 +58,14 @@ def test_layout_matches_reference_layout():
         row += [0] * (T - len(row))
         assert ids[b].tolist() == row
     assert sg.key_lengths(length, cfg).tolist() == [M + 3 + 10, M + 3 + 1, M + 3]
+
+
+@pytest.mark.parametrize("alignment", ["right", "left", "center"])
+@pytest.mark.parametrize("max_n_segments", [None, 2])
+@pytest.mark.parametrize("with_specials", [False, True])
+def test_single_document_paths(alignment, max_n_segments, with_specials):
+    """One document takes the no-copy paths; the cuts must not change."""
+    cfg = _config(alignment, max_n_segments)
+    doc = torch.randint(0 if with_specials else 3, 40, (random.randint(1, 60),))
+    got, _ = _segments([doc], cfg)
+    assert got[0] == segments_of(doc.tolist(), cfg.segment_size, max_n_segments, alignment, {0, 1, 2})
