@@ -250,7 +250,9 @@ def test_torch_twin_matches_reference(dtype):
     got = _ext.attention_torch(q, k, v, kl, 0.25)
     want = reference(q, k, v, kl, 0.25)
     assert got.dtype == dtype and got.shape == want.shape
-    assert (got.double() - want).abs().max().item() <= 4 * torch.finfo(dtype).eps * max(1, want.abs().max().item())
+    # 16-bit: one rounding of P and of the output dominate; float32: rounding accumulates over the keys.
+    ulps = 32 if dtype == torch.float32 else 4
+    assert (got.double() - want).abs().max().item() <= ulps * torch.finfo(dtype).eps * max(1, want.abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
