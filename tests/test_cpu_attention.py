@@ -260,7 +260,9 @@ def test_dispatching_wrapper(dtype):
     q, k, v = fused_qkv(2, 9, 20, 2, 32, dtype)
     got = _ext.attention(q, k, v, torch.tensor([20, 3]))  # default scale 1/sqrt(D)
     want = _ext.attention_torch(q, k, v, torch.tensor([20, 3]), 1 / math.sqrt(32))
-    assert (got.float() - want.float()).abs().max().item() <= 8 * torch.finfo(dtype).eps
+    ulps = 32 if dtype == torch.float32 else 8  # two summation orders; float32 accumulates over the keys
+    assert (got.float() - want.float()).abs().max().item() <= ulps * torch.finfo(dtype).eps * max(
+        1, want.float().abs().max().item())
 
 
 # --- the backend ----------------------------------------------------------------------------------
