@@ -42,6 +42,20 @@ if triton is not None:
     # jit() picks the interpreter or the compiler at decoration time, so this is what the kernel really is.
     _INTERPRETED = bool(triton.knobs.runtime.interpret)
 
+    @triton.jit
+    def _online_softmax_step(q, k, v, qk_scale, m_i, l_i, acc, valid, MASKED: tl.constexpr,
+                             DOT_PRECISION: tl.constexpr):
+        """One key block of the online softmax (base 2); MASKED: keys where ``valid`` is False get -inf."""
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        if MASKED:
+            qk = tl.where(valid[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        return m_new, l_i, acc
+
     # Sizes appear only in bounds and index math, so specialising on them (==1, %16) would only multiply
     # compilations; strides stay specialised, since their divisibility lets loads vectorise.
     @triton.jit(do_not_specialize=["H", "Tq", "Tk"])
@@ -99,14 +113,8 @@ if triton is not None:
             rows_n = start_n + offs_n
             k = tl.load(k_base + rows_n[:, None] * stride_kt)  # [BLOCK_N, HEAD_DIM]
             v = tl.load(v_base + rows_n[:, None] * stride_vt)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.exp2(qk - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(q, k, v, qk_scale, m_i, l_i, acc, offs_n, False,
+                                                 DOT_PRECISION)
 
         if not EVEN_N:
             # The one partial block, if any; it holds at least one valid key, so m_new stays finite.
@@ -116,14 +124,8 @@ if triton is not None:
                 valid = rows_n < kv_len
                 k = tl.load(k_base + rows_n[:, None] * stride_kt, mask=valid[:, None], other=0.0)
                 v = tl.load(v_base + rows_n[:, None] * stride_vt, mask=valid[:, None], other=0.0)
-                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-                qk = tl.where(valid[None, :], qk, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                p = tl.exp2(qk - m_new[:, None])
-                alpha = tl.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None]
-                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+                m_i, l_i, acc = _online_softmax_step(q, k, v, qk_scale, m_i, l_i, acc, valid, True,
+                                                     DOT_PRECISION)
 
         # A row with no valid key saw no block: acc is 0 and l_i is 0, so it outputs 0, not 0/0.
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
