@@ -119,15 +119,15 @@ class RMTForSequenceClassification(nn.Module):
         losses, logits = [], None
         for step in range(n_steps):
             sel = (step_of == step).nonzero().flatten()
-            active = segs.doc[sel]
+            active = segs.doc[sel].to(device)
             ids = segmentation.layout(docs.tokens, segs.start[sel], segs.length[sel], cfg).to(device)
-            mem_in = memory[active.to(device)]
+            mem_in = memory[active]
             if cfg.bptt_depth != -1 and step < n_steps - cfg.bptt_depth:
                 mem_in = mem_in.detach()
             step_logits, new_mem, _ = self.segment_step(ids, mem_in)
-            memory = memory.index_copy(0, active.to(device), new_mem.to(memory.dtype))
+            memory = memory.index_copy(0, active, new_mem.to(memory.dtype))
             if labels is not None:
-                losses.append(F.cross_entropy(step_logits, labels.to(device)[active.to(device)]))
+                losses.append(F.cross_entropy(step_logits, labels.to(device)[active]))
             logits = step_logits
         loss = None
         if labels is not None:
