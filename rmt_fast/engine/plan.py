@@ -20,20 +20,19 @@ import torch.nn.functional as F
 from .. import _ext
 from ..model import RMTForSequenceClassification
 from . import backends
+from .linear import Linear, packing_available
 
 
 @dataclass
 class LayerWeights:
-    qkv_w: torch.Tensor   # [3H, H]
-    qkv_b: torch.Tensor   # [3H]
-    out_w: torch.Tensor
-    out_b: torch.Tensor
+    qkv: Optional[Linear]      # [3H, H], query rows pre-scaled; None in the last layer, which uses
+    q: Optional[Linear]        # the query and key/value projections apart (queries on a few rows only)
+    kv: Optional[Linear]
+    out: Linear
     ln1_w: torch.Tensor
     ln1_b: torch.Tensor
-    ffn_in_w: torch.Tensor
-    ffn_in_b: torch.Tensor
-    ffn_out_w: torch.Tensor
-    ffn_out_b: torch.Tensor
+    ffn_in: Linear             # the activation included (fused into the GEMM where oneDNN can)
+    ffn_out: Linear
     ln2_w: torch.Tensor
     ln2_b: torch.Tensor
 
@@ -56,7 +55,7 @@ class InferencePlan:
     """Weights of ``model`` laid out for fast inference on ``device`` in ``dtype``."""
 
     def __init__(self, model: RMTForSequenceClassification, device: torch.device, dtype: torch.dtype,
-                 attention: str = "auto"):
+                 attention: str = "auto", packed_weights: Optional[bool] = None):
         _check_supported(model)
         self.config = model.config
         self.device, self.dtype, self.attention = device, dtype, attention
@@ -65,8 +64,12 @@ class InferencePlan:
         self.hidden = bconf.hidden_size
         self.head_dim = self.hidden // self.num_heads
         self.eps = bconf.layer_norm_eps
-        from transformers.activations import ACT2FN
-        self.act = ACT2FN[bconf.hidden_act]
+        # oneDNN pre-packed weights: by default wherever they run (CPU, float32/bfloat16).
+        why_not = packing_available(device, dtype)
+        if packed_weights and why_not:
+            raise ValueError(f"packed_weights=True is not possible here: {why_not}")
+        self.packed_weights = why_not is None if packed_weights is None else bool(packed_weights)
+        self.packed_weights_status = "on (oneDNN)" if self.packed_weights else f"off: {why_not or 'turned off'}"
 
         def f32(t):
             return t.detach().to(device=device, dtype=torch.float32).contiguous()
@@ -86,15 +89,23 @@ class InferencePlan:
         # The softmax scale is folded into the query projection (in float32, before any rounding), so
         # attention runs with scale 1 and no pass over the scores multiplies them.
         scale = self.head_dim ** -0.5
-        for layer in model.bert.encoder.layer:
+        pack, act = self.packed_weights, bconf.hidden_act
+        last = len(model.bert.encoder.layer) - 1
+        for i, layer in enumerate(model.bert.encoder.layer):
             sa, ao = layer.attention.self, layer.attention.output
+            qkv_w = low(torch.cat([sa.query.weight.float() * scale, sa.key.weight, sa.value.weight]))
+            qkv_b = low(torch.cat([sa.query.bias.float() * scale, sa.key.bias, sa.value.bias]))
+            H = self.hidden
+            split = i == last
             self.layers.append(LayerWeights(
-                qkv_w=low(torch.cat([sa.query.weight.float() * scale, sa.key.weight, sa.value.weight])),
-                qkv_b=low(torch.cat([sa.query.bias.float() * scale, sa.key.bias, sa.value.bias])),
-                out_w=low(ao.dense.weight), out_b=low(ao.dense.bias),
+                qkv=None if split else Linear(qkv_w, qkv_b, pack=pack),
+                q=Linear(qkv_w[:H].contiguous(), qkv_b[:H].contiguous(), pack=pack) if split else None,
+                kv=Linear(qkv_w[H:].contiguous(), qkv_b[H:].contiguous(), pack=pack) if split else None,
+                out=Linear(low(ao.dense.weight), low(ao.dense.bias), pack=pack),
                 ln1_w=low(ao.LayerNorm.weight), ln1_b=low(ao.LayerNorm.bias),
-                ffn_in_w=low(layer.intermediate.dense.weight), ffn_in_b=low(layer.intermediate.dense.bias),
-                ffn_out_w=low(layer.output.dense.weight), ffn_out_b=low(layer.output.dense.bias),
+                ffn_in=Linear(low(layer.intermediate.dense.weight), low(layer.intermediate.dense.bias),
+                              act=act, pack=pack),
+                ffn_out=Linear(low(layer.output.dense.weight), low(layer.output.dense.bias), pack=pack),
                 ln2_w=low(layer.output.LayerNorm.weight), ln2_b=low(layer.output.LayerNorm.bias)))
         self.pooler_w, self.pooler_b = low(model.bert.pooler.dense.weight), low(model.bert.pooler.dense.bias)
         classifier = model.model.classifier
@@ -120,21 +131,21 @@ class InferencePlan:
         return backends.attention(name, q, k, v, key_lengths, scale=1.0)
 
     def _finish_layer(self, w: LayerWeights, attn, residual):
-        h = F.layer_norm(F.linear(attn, w.out_w, w.out_b) + residual, (self.hidden,), w.ln1_w, w.ln1_b, self.eps)
-        f = F.linear(self.act(F.linear(h, w.ffn_in_w, w.ffn_in_b)), w.ffn_out_w, w.ffn_out_b)
+        h = F.layer_norm(w.out(attn) + residual, (self.hidden,), w.ln1_w, w.ln1_b, self.eps)
+        f = w.ffn_out(w.ffn_in(h))
         return F.layer_norm(f + h, (self.hidden,), w.ln2_w, w.ln2_b, self.eps)
 
     def layer(self, w: LayerWeights, x, key_lengths):
         B, T, _ = x.shape
-        qkv = F.linear(x, w.qkv_w, w.qkv_b).view(B, T, 3, self.num_heads, self.head_dim)
+        qkv = w.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)
         attn = self._attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_lengths)
         return self._finish_layer(w, attn, x)
 
     def last_layer(self, w: LayerWeights, x, key_lengths, rows: int):
         """The last layer for the first ``rows`` query rows only; keys and values over the whole block."""
         B, T, H = x.shape
-        q = F.linear(x[:, :rows], w.qkv_w[:H], w.qkv_b[:H]).view(B, rows, self.num_heads, self.head_dim)
-        kv = F.linear(x, w.qkv_w[H:], w.qkv_b[H:]).view(B, T, 2, self.num_heads, self.head_dim)
+        q = w.q(x[:, :rows]).view(B, rows, self.num_heads, self.head_dim)
+        kv = w.kv(x).view(B, T, 2, self.num_heads, self.head_dim)
         attn = self._attend(q, kv[:, :, 0], kv[:, :, 1], key_lengths)
         return self._finish_layer(w, attn, x[:, :rows])
 

@@ -76,14 +76,17 @@ class Engine:
     cuda_graphs: replay each step from a CUDA graph (None: on CUDA unless RMT_FAST_CUDA_GRAPHS=0).
     overlap: lay out (and tokenize, and copy) later steps on threads while the current ones compute;
     False does it in turn on the caller's thread (the same results, for benchmarks).
+    packed_weights: oneDNN pre-packed linear weights, activation fused into the FFN GEMM (None: on the
+    CPU in float32/bfloat16 where this torch has oneDNN; ``engine.plan.packed_weights_status`` says).
     """
 
     def __init__(self, model: RMTForSequenceClassification, device="cpu", dtype=torch.float32,
-                 attention: str = "auto", *, cuda_graphs: Optional[bool] = None, overlap: bool = True):
+                 attention: str = "auto", *, cuda_graphs: Optional[bool] = None, overlap: bool = True,
+                 packed_weights: Optional[bool] = None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.config = model.config
-        self.plan = InferencePlan(model.eval(), self.device, self.dtype, attention)
+        self.plan = InferencePlan(model.eval(), self.device, self.dtype, attention, packed_weights)
         reason = graphs.why_not(self.device)
         self.cuda_graphs = (reason is None) if cuda_graphs is None else bool(cuda_graphs and self.device.type == "cuda")
         self.overlap = overlap
