@@ -105,11 +105,15 @@ def run_info(args) -> int:
     except ImportError as e:
         print(f"extension     not available ({e})")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    from .engine.linear import packing_available
     for dev in devices:
         for dtype in (torch.float32, torch.bfloat16):
             status = backends.available(torch.device(dev), dtype)
             cells = ", ".join(f"{k}: {'yes' if v is None else 'no (' + v + ')'}" for k, v in status.items())
             print(f"attention {dev}/{str(dtype).replace('torch.', '')}: {cells}")
+            why_not = packing_available(torch.device(dev), dtype)
+            print(f"packed linear {dev}/{str(dtype).replace('torch.', '')}: "
+                  + ("yes (oneDNN)" if why_not is None else f"no ({why_not})"))
     return 0
 
 
