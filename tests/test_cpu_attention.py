@@ -180,6 +180,21 @@ def test_scalar_paths_without_avx512():
 
 
 @requires_op
+def test_bfloat16_through_the_float32_path():
+    """RMT_FAST_ATTENTION_BF16_AS_FLOAT32=1 (read once per process): bfloat16 inputs converted and run
+    by the float32 micro-kernel, the path of CPUs with neither AMX nor AVX512-BF16; without it this CPU
+    runs the bf16 micro-kernel where it has one (the other tests)."""
+    import os
+    import subprocess
+    import sys
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, RMT_FAST_ATTENTION_BF16_AS_FLOAT32="1")
+    run = subprocess.run([sys.executable, "-c", SCALAR_SCRIPT.format(tests=tests)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+@requires_op
 def test_same_result_at_any_thread_count():
     q, k, v = fused_qkv(3, 300, 700, 4, 64, torch.bfloat16)
     kl = torch.tensor([700, 5, 513])

@@ -446,6 +446,47 @@ void pack_v(bool avx, const in_t* v, int64_t vs, int64_t L, int64_t D, int64_t D
   }
 }
 
+// Whether bfloat16 runs oneDNN's bf16 micro-kernel on VNNI-packed B: on AMX (could_pack) and on
+// AVX512-BF16 CPUs without AMX, where brgemm runs it with vdpbf16ps (measured on an AMD Zen 4: 2.2x
+// the float32 path, docs/EXTENSION.md). Probed once on a small exact problem, so that a build or CPU
+// where the call throws or disagrees takes the float32 path instead.
+// RMT_FAST_ATTENTION_BF16_AS_FLOAT32=1 forces the float32 path (read once; for the tests).
+bool bf16_brgemm_probe() {
+  constexpr int64_t M = 3, N = 64, K = 6;  // B in VNNI pairs: B[k / 2][n][k % 2], ld_b = N
+  std::vector<c10::BFloat16> a(M * K), b(K * N);
+  std::vector<float> c(M * N, 0.f), want(M * N, 0.f);
+  for (int64_t i = 0; i < M * K; ++i) a[i] = c10::BFloat16(float(i % 5) - 2.f);
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t n = 0; n < N; ++n) b[((k / 2) * N + n) * 2 + k % 2] = c10::BFloat16(float((k + n) % 7) - 3.f);
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t k = 0; k < K; ++k) want[m * N + n] += float(a[m * K + k]) * (float((k + n) % 7) - 3.f);
+    }
+  }
+  try {
+    at::native::cpublas::brgemm(M, N, K, K, N, N, /*add_C=*/false, a.data(), b.data(), c.data(), true);
+    at::native::cpublas::brgemm_release(true);
+  } catch (const std::exception&) {
+    return false;
+  }
+  return c == want;  // small integers: exact in bf16 and float32
+}
+
+bool bf16_brgemm_usable() {
+  static const bool ok = [] {
+    if (std::getenv("RMT_FAST_ATTENTION_BF16_AS_FLOAT32") != nullptr) return false;
+    if (at::native::cpublas::could_pack(at::kBFloat16)) return true;
+#ifdef RMT_FAST_X86
+    // the row passes write bf16 probabilities with AVX512-BF16 instructions on this path
+    return __builtin_cpu_supports("avx512bf16") != 0 && bf16_brgemm_probe();
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
+
 // --- the kernel ------------------------------------------------------------------------------------
 
 template <typename in_t, typename mm_t, bool vnni>
@@ -623,8 +664,8 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
       attention_kernel<float, float, false>(q, k, v, lens.data(), s, out, sz);
       break;
     case at::kBFloat16:
-      // VNNI-packed B runs the AMX micro-kernel; without AMX, plain B runs ATen's bf16 gemm.
-      if (at::native::cpublas::could_pack(at::kBFloat16)) {
+      // VNNI-packed B: the bf16 micro-kernel (AMX, or AVX512-BF16); else float32 products.
+      if (bf16_brgemm_usable()) {
         attention_kernel<c10::BFloat16, c10::BFloat16, true>(q, k, v, lens.data(), s, out, sz);
       } else {
         attention_kernel<c10::BFloat16, float, false>(q, k, v, lens.data(), s, out, sz);
