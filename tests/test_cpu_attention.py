@@ -165,33 +165,30 @@ print("ok")
 """
 
 
-@requires_op
-def test_scalar_paths_without_avx512():
-    """RMT_FAST_ATTENTION_NO_AVX512=1 (read once per process, hence a subprocess): the scalar row
-    passes and packing, as on a CPU without AVX-512."""
+def run_checks_with(env_var):
+    """SCALAR_SCRIPT's checks in a subprocess with ``env_var=1`` (the op reads its switches once per
+    process)."""
     import os
     import subprocess
     import sys
     tests = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, RMT_FAST_ATTENTION_NO_AVX512="1")
-    run = subprocess.run([sys.executable, "-c", SCALAR_SCRIPT.format(tests=tests)], env=env,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", SCALAR_SCRIPT.format(tests=tests)],
+                         env=dict(os.environ, **{env_var: "1"}), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+@requires_op
+def test_scalar_paths_without_avx512():
+    """RMT_FAST_ATTENTION_NO_AVX512=1: the scalar row passes and packing, as on a CPU without AVX-512."""
+    run_checks_with("RMT_FAST_ATTENTION_NO_AVX512")
 
 
 @requires_op
 def test_bfloat16_through_the_float32_path():
-    """RMT_FAST_ATTENTION_BF16_AS_FLOAT32=1 (read once per process): bfloat16 inputs converted and run
-    by the float32 micro-kernel, the path of CPUs with neither AMX nor AVX512-BF16; without it this CPU
-    runs the bf16 micro-kernel where it has one (the other tests)."""
-    import os
-    import subprocess
-    import sys
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, RMT_FAST_ATTENTION_BF16_AS_FLOAT32="1")
-    run = subprocess.run([sys.executable, "-c", SCALAR_SCRIPT.format(tests=tests)], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+    """RMT_FAST_ATTENTION_BF16_AS_FLOAT32=1: bfloat16 inputs converted and run by the float32
+    micro-kernel, the path of CPUs with neither AMX nor AVX512-BF16; without it this CPU runs the bf16
+    micro-kernel where it has one (the other tests)."""
+    run_checks_with("RMT_FAST_ATTENTION_BF16_AS_FLOAT32")
 
 
 @requires_op

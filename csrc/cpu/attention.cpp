@@ -225,7 +225,9 @@ RMT_AVX512 float exp_row_avx512(const float* s, int64_t n, float c, float m, P* 
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
-// The bfloat16 probabilities of the AMX path, rounded by AVX512-BF16 (every AMX CPU has it).
+// The bfloat16 probabilities of the bf16 micro-kernel path, rounded by AVX512-BF16 (every AMX CPU has
+// it; without AMX, bf16_brgemm_usable takes this path only where the CPU has it). A twin of
+// exp_row_avx512 rather than one template: its intrinsics need the wider target attribute.
 RMT_AVX512_BF16 float exp_row_avx512_bf16(const float* s, int64_t n, float c, float m,
                                           c10::BFloat16* p) {
   const __m512 vc = _mm512_set1_ps(c), vm = _mm512_set1_ps(m);

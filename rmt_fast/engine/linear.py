@@ -72,18 +72,13 @@ class Linear:
         self.out_features, self.in_features = weight.shape
         self.packed = pack
         self.bias = bias
-        if pack:
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-            self._post = FUSED_ACTIVATIONS.get(act, ("none", "")) if act else ("none", "")
-        else:
-            self.weight = weight
-            self._post = ("none", "")
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, None) if pack else weight
         fused = pack and act in FUSED_ACTIVATIONS
+        self._post = FUSED_ACTIVATIONS[act] if fused else ("none", "")
+        self._act = None
         if act and not fused:
             from transformers.activations import ACT2FN
             self._act = ACT2FN[act]
-        else:
-            self._act = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:

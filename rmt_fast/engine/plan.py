@@ -89,18 +89,17 @@ class InferencePlan:
         # The softmax scale is folded into the query projection (in float32, before any rounding), so
         # attention runs with scale 1 and no pass over the scores multiplies them.
         scale = self.head_dim ** -0.5
-        pack, act = self.packed_weights, bconf.hidden_act
+        pack, act, H = self.packed_weights, bconf.hidden_act, self.hidden
         last = len(model.bert.encoder.layer) - 1
         for i, layer in enumerate(model.bert.encoder.layer):
             sa, ao = layer.attention.self, layer.attention.output
             qkv_w = low(torch.cat([sa.query.weight.float() * scale, sa.key.weight, sa.value.weight]))
             qkv_b = low(torch.cat([sa.query.bias.float() * scale, sa.key.bias, sa.value.bias]))
-            H = self.hidden
             split = i == last
             self.layers.append(LayerWeights(
                 qkv=None if split else Linear(qkv_w, qkv_b, pack=pack),
-                q=Linear(qkv_w[:H].contiguous(), qkv_b[:H].contiguous(), pack=pack) if split else None,
-                kv=Linear(qkv_w[H:].contiguous(), qkv_b[H:].contiguous(), pack=pack) if split else None,
+                q=Linear(qkv_w[:H], qkv_b[:H], pack=pack) if split else None,     # row slices: contiguous
+                kv=Linear(qkv_w[H:], qkv_b[H:], pack=pack) if split else None,
                 out=Linear(low(ao.dense.weight), low(ao.dense.bias), pack=pack),
                 ln1_w=low(ao.LayerNorm.weight), ln1_b=low(ao.LayerNorm.bias),
                 ffn_in=Linear(low(layer.intermediate.dense.weight), low(layer.intermediate.dense.bias),
