@@ -1,9 +1,12 @@
-"""Shared test set-up: skip markers defined once, and Triton's interpreter on machines without a GPU.
+"""Shared test set-up: skip markers defined once, seeds, and Triton's interpreter on machines without a GPU.
 
 TRITON_INTERPRET must be set before anything imports triton, hence here, at collection time.
 """
 import os
+import random
+import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,10 +18,31 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
+# Every random draw in a test is seeded from the test's id, so a failure reproduces exactly (the seed is
+# printed with it). RMT_FAST_TEST_SEED=<int> salts every seed to explore other draws.
+SEED_SALT = int(os.environ.get("RMT_FAST_TEST_SEED", "0"))
+
+
+def seed_for(nodeid: str) -> int:
+    return (zlib.crc32(nodeid.encode()) ^ SEED_SALT) & 0x7FFFFFFF
+
 
 @pytest.fixture(autouse=True)
-def _fresh_seed():
-    # Fresh random inputs every run, but a failure prints the seed to reproduce it.
-    seed = int.from_bytes(os.urandom(4), "little")
+def test_seed(request):
+    """The seed of this test's torch, numpy and ``random`` draws (derived from its id)."""
+    seed = seed_for(request.node.nodeid)
     torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    request.node.user_properties.append(("seed", seed))
     yield seed
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        seed = dict(item.user_properties).get("seed")
+        if seed is not None:
+            report.sections.append(("seed", f"seed {seed} (from the test id; RMT_FAST_TEST_SEED={SEED_SALT})"))
+    return report
