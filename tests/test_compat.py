@@ -108,15 +108,20 @@ def test_problem_type_follows_hugging_face(kind, lengths):
         assert close(out[k], want[k]), k
 
 
-def test_eval_mode_with_grad_enabled_backpropagates_like_the_reference():
+@pytest.mark.parametrize("objective", ["loss", "logit"])
+def test_eval_mode_with_grad_enabled_backpropagates_like_the_reference(objective):
+    """Eval mode, grad on: eval-mode fine-tuning (the loss) and saliency (a logit, no labels)."""
     model = compat_model()
     ids, _ = batch(LENGTHS)
-    labels = torch.randint(0, 4, (len(LENGTHS),))
-    out = model(ids, labels=labels)                   # eval mode, grad enabled (saliency, eval-mode tuning)
-    out.loss.backward()
+    labels = torch.randint(0, 4, (len(LENGTHS),)) if objective == "loss" else None
+
+    def scalar(out):
+        return out["loss"] if objective == "loss" else out["logits"][:, 1].sum()
+
+    scalar(model(ids, labels=labels)).backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    reference_forward_of(model, ids, labels)["loss"].backward()
+    scalar(reference_forward_of(model, ids, labels)).backward()
     want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert got.keys() == want.keys() and "model.bert.embeddings.word_embeddings.weight" in got
     for n in want:
