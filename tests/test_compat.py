@@ -141,7 +141,7 @@ def test_hidden_states_and_attentions_per_segment():
         assert all(close(a, b) for a, b in zip(hs, want[f"hidden_states_{i}"]))
         assert all(close(a, b) for a, b in zip(att, want[f"attentions_{i}"]))
     assert out.hidden_states is out["hidden_states_3"] and out.attentions is out["attentions_3"]
-    assert f"hidden_states_4" not in out
+    assert "hidden_states_4" not in out
 
 
 def test_float64_model_gives_float64_logits():
@@ -151,6 +151,19 @@ def test_float64_model_gives_float64_logits():
         out = model(ids)
         want = reference_forward_of(model, ids)["logits"]
     assert out.logits.dtype == torch.float64 and close(out.logits, want, 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_weights_give_logits_in_their_dtype(dtype):
+    """bfloat16 weights run on the Engine in bfloat16; float16 on the CPU falls back to the plain path."""
+    model = compat_model()
+    ids, _ = batch(LENGTHS)
+    with torch.no_grad():
+        want = reference_forward_of(model, ids)["logits"]
+        out = model.to(dtype)(ids)
+    assert out.logits.dtype == dtype
+    assert (model._engine is not None) == (dtype == torch.bfloat16)
+    assert close(out.logits, want, 0.05 * want.abs().max().item() + 0.02)
 
 
 def test_autocast_runs_the_fast_path_in_the_autocast_dtype():
