@@ -3,9 +3,10 @@
 This module is the readable statement of the math and the training path; the fast engine
 (``rmt_fast.engine``) compiles it into an inference plan and never changes it.
 
-The memory enters in exactly one place, ``segment_step``: the rows 1..M of the word-embedding output
+The memory enters in exactly one place, ``segment_forward``: the rows 1..M of the word-embedding output
 are replaced by the current memory before BertEmbeddings adds position and token-type embeddings and
-applies its LayerNorm; the new memory is the last layer's output at those rows.
+applies its LayerNorm; the new memory is the last layer's output at those rows. Losses follow Hugging
+Face's ``problem_type`` rule (``classification_loss``), one per segment step, as the reference reports them.
 """
 from __future__ import annotations
 
