@@ -118,7 +118,7 @@ class RMTEncoderForSequenceClassification(RMTForSequenceClassification):
         engine = self._engine
         if engine is None or engine.device != device or engine.dtype != dtype:
             engine = Engine(self, device=device, dtype=dtype)
-            self._engine = engine   # after Engine(), whose model.eval() resets the cache
+            self._engine = engine   # set after Engine() returns: building it may call self.eval()
         return engine
 
     # -- forward ----------------------------------------------------------------------------------
