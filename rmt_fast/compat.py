@@ -1,35 +1,57 @@
-"""A drop-in for the reference implementation's ``RMTEncoderForSequenceClassification``.
+"""Drop-ins for the reference implementation's classes (``modeling_rmt``), whole API included.
 
 Swap one import line::
 
     # from modeling_rmt import RMTEncoderForSequenceClassification
     from rmt_fast.compat import RMTEncoderForSequenceClassification
+    # --model_cls modeling_rmt.experimental:RMTEncoderCPUOffload  ->  rmt_fast.compat:RMTEncoderCPUOffload
 
-The constructor takes the reference's arguments, ``load_state_dict`` takes the reference's state dicts,
-``forward(input_ids=..., labels=...)`` returns an output with ``logits`` (and ``loss``). In training
-mode it runs the plain-PyTorch model (autograd); in eval mode the fast Engine.
+The constructor, ``forward``'s signature and outputs (``loss``, ``loss_i``, ``hidden_states_i``,
+``attentions_i``), the state dict (alias key included) and the loss rules are the reference's.
+``forward`` takes the fast Engine when it gives the reference's answer, and the plain-PyTorch model
+(``RMTForSequenceClassification.forward``, autograd) otherwise; see ``fast_path_dtype`` for the rule.
 """
 from __future__ import annotations
 
+import math
 import warnings
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from . import segmentation
 from .config import RMTConfig
 from .engine import Engine
-from .model import RMTForSequenceClassification
+from .inputs import as_documents
+from .model import RMTForSequenceClassification, classification_loss
 
-_IGNORED_OK = {"drop_empty_segments", "padding_side", "segment_ordering", "backbone_cls", "model_attr"}
+# The reference's constructor arguments that change nothing here (its run scripts pass some of them).
+_NO_EFFECT = {"drop_empty_segments", "padding_side", "segment_ordering", "backbone_cls", "model_attr"}
+# Features of the reference's other classes that its run scripts always pass, with their "off" value:
+# accepted when off, refused otherwise (this class does not do them).
+_OFF = {"memory_forward_func": None, "memory_layers": None, "share_memory_layers": False,
+        "reconstruction_loss_coef": None}
+# Dtypes the Engine runs in, per device type.
+_ENGINE_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.bfloat16, torch.float16)}
+_ALIAS = "model.embeddings.weight"
+_WORD_EMBEDDINGS = "model.bert.embeddings.word_embeddings.weight"
 
 
 class RMTEncoderForSequenceClassification(RMTForSequenceClassification):
+    """The reference's encoder classifier: the last segment's output, ``loss_i`` for every segment."""
+
+    _last_segment_only = False   # RMTEncoderCPUOffload keeps only the last segment's outputs
+
     def __init__(self, base_model, num_mem_tokens, tokenizer, input_size=512, max_n_segments=1, bptt_depth=-1,
                  sum_loss=False, segment_alignment="right", **other):
-        unknown = sorted(set(other) - _IGNORED_OK)
+        refused = {k: v for k, v in other.items() if k in _OFF and v != _OFF[k]}
+        if refused:
+            raise ValueError(f"{type(self).__name__} does not implement {refused}; leave these arguments at "
+                             f"{ {k: _OFF[k] for k in refused} } (the reference's encoder classifier does too)")
+        unknown = sorted(set(other) - _NO_EFFECT - set(_OFF))
         if unknown:
-            warnings.warn(f"RMTEncoderForSequenceClassification ignores the arguments {unknown}", stacklevel=2)
+            warnings.warn(f"{type(self).__name__} ignores the arguments {unknown}", stacklevel=2)
         vocab = base_model.config.vocab_size
         config = RMTConfig(vocab_size=vocab, num_mem_tokens=num_mem_tokens, input_size=input_size,
                            max_n_segments=max_n_segments, bptt_depth=bptt_depth, sum_loss=sum_loss,
@@ -38,31 +60,120 @@ class RMTEncoderForSequenceClassification(RMTForSequenceClassification):
                            pad_token_id=tokenizer.pad_token_id, num_labels=base_model.config.num_labels)
         base_model.resize_token_embeddings(vocab + num_mem_tokens)
         super().__init__(config, base_model)
-        self._engine = None
+        # The reference registers this alias of the word embeddings, hence its state-dict key.
+        self.model.embeddings = self.model.get_input_embeddings()
+        self._engine: Optional[Engine] = None   # not module state: kept out of state_dict, copies, pickles
+
+    # -- module state -----------------------------------------------------------------------------
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_engine"] = None   # packed weights cannot be copied or pickled; rebuilt on the next use
+        return state
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """The reference's state dicts (alias key or not, old ``position_ids`` buffer or not)."""
         state = dict(state_dict.get("model_state_dict", state_dict))
         state.pop("model.bert.embeddings.position_ids", None)
-        state.pop("model.embeddings.weight", None)  # the reference's alias of the word embeddings
+        if _ALIAS in state and _WORD_EMBEDDINGS in state and not torch.equal(state[_ALIAS], state[_WORD_EMBEDDINGS]):
+            raise ValueError(f"'{_ALIAS}' should alias '{_WORD_EMBEDDINGS}' but differs from it")
+        for key, twin in ((_ALIAS, _WORD_EMBEDDINGS), (_WORD_EMBEDDINGS, _ALIAS)):
+            if key not in state and twin in state:
+                state[key] = state[twin]
         self._engine = None
         return super().load_state_dict(state, strict=strict, assign=assign)
 
     def train(self, mode: bool = True):
-        self._engine = None  # weights may change while training: rebuild the plan when eval comes back
+        self._engine = None  # weights change while training: rebuild the plan when eval comes back
         return super().train(mode)
 
-    def _fast(self) -> Engine:
-        if self._engine is None:
-            device = self.mem_token_ids.device
-            dtype = next(self.model.parameters()).dtype
-            self._engine = Engine(self, device=device, dtype=dtype)
-        return self._engine
+    # -- which path -------------------------------------------------------------------------------
+    def fast_path_dtype(self, input_ids, labels=None, output_attentions=None,
+                        output_hidden_states=None) -> Optional[torch.dtype]:
+        """The dtype the Engine would run this call in, or None when only the plain path gives the
+        reference's answer: in train mode, when autograd is on and a parameter requires grad, when
+        hidden states or attentions are asked for, when labels need per-segment losses of more than
+        one segment (the Engine gives each document's last logits only), or in a dtype the Engine
+        does not run in (float64; float16 on the CPU)."""
+        if self.training or output_attentions or output_hidden_states:
+            return None
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return None
+        param = self.model.classifier.weight
+        dtype = param.dtype
+        if torch.is_autocast_enabled(param.device.type) and dtype == torch.float32:
+            dtype = torch.get_autocast_dtype(param.device.type)
+        if dtype not in _ENGINE_DTYPES.get(param.device.type, ()):
+            return None
+        if labels is not None and not self._last_segment_only and self._steps(input_ids) > 1:
+            return None
+        return dtype
 
-    def forward(self, input_ids=None, labels=None, attention_mask=None, **unused):
-        if self.training or (labels is not None and self.config.sum_loss):
-            out = super().forward(input_ids, labels=labels)
-            return SequenceClassifierOutput(loss=out.loss, logits=out.logits)
-        logits = self._fast().classify(list(input_ids), batch_size=len(input_ids))
-        logits = logits.to(self.mem_token_ids.device)
-        loss = None if labels is None else F.cross_entropy(logits, labels.to(logits.device))
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+    def _steps(self, input_ids) -> int:
+        cfg = self.config
+        lengths = segmentation.clean_and_truncate(as_documents(input_ids, cfg), cfg).lengths
+        return math.ceil(int(lengths.max()) / cfg.segment_size) if len(lengths) else 0
+
+    def _fast(self, dtype: torch.dtype) -> Engine:
+        device = self.mem_token_ids.device
+        engine = self._engine
+        if engine is None or engine.device != device or engine.dtype != dtype:
+            engine = Engine(self, device=device, dtype=dtype)
+            self._engine = engine   # set after Engine() returns: building it may call self.eval()
+        return engine
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
+                inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None):
+        """The reference's forward. attention_mask, token_type_ids, inputs_embeds and head_mask have no
+        effect there (each segment's mask and type ids are rebuilt from its ids) and none here."""
+        if position_ids is not None:
+            raise ValueError("position_ids is not supported: each segment uses positions 0..input_size-1 "
+                             "(the reference passes position_ids to every segment unchanged)")
+        if return_dict is False:
+            raise ValueError("return_dict=False is not supported: the output is a SequenceClassifierOutput "
+                             "(the reference fails with return_dict=False too)")
+        dtype = self.fast_path_dtype(input_ids, labels, output_attentions, output_hidden_states)
+        if dtype is None:
+            return self._plain(input_ids, labels, bool(output_attentions), bool(output_hidden_states))
+        return self._engine_forward(input_ids, labels, dtype)
+
+    def _engine_forward(self, input_ids, labels, dtype: torch.dtype) -> SequenceClassifierOutput:
+        docs = list(input_ids)
+        with warnings.catch_warnings():   # truncation past max_n_segments is the reference's rule, silently
+            warnings.filterwarnings("ignore", message=".*exceed max_n_segments")
+            logits = self._fast(dtype).classify(docs, batch_size=max(1, len(docs)))   # [B, C], inference tensor
+        # copy=True: an ordinary tensor even when device and dtype already match.
+        logits = logits.to(device=self.mem_token_ids.device, dtype=dtype, copy=True)
+        loss = None if labels is None else classification_loss(self.model.config, logits, labels)
+        out = SequenceClassifierOutput(loss=loss, logits=logits)
+        out["hidden_states"] = None   # the reference's key, emptied when not asked for
+        if loss is not None:
+            out["loss_0"] = loss       # one segment ran, or only the last is kept (RMTEncoderCPUOffload)
+        return out
+
+    def _plain(self, input_ids, labels, output_attentions: bool, output_hidden_states: bool):
+        r = super().forward(input_ids, labels=labels, output_hidden_states=output_hidden_states,
+                            output_attentions=output_attentions, last_segment_only=self._last_segment_only)
+        out = SequenceClassifierOutput(
+            loss=r.loss, logits=r.logits,
+            hidden_states=r.segment_hidden_states[-1] if output_hidden_states else None,
+            attentions=r.segment_attentions[-1] if output_attentions else None)
+        if not output_hidden_states:
+            out["hidden_states"] = None
+        n = max(len(r.segment_losses or ()), len(r.segment_hidden_states or ()), len(r.segment_attentions or ()))
+        for i in range(n):   # the reference's key order: per segment, its loss, hidden states, attentions
+            if labels is not None:
+                out[f"loss_{i}"] = r.segment_losses[i]
+            if output_hidden_states:
+                out[f"hidden_states_{i}"] = r.segment_hidden_states[i]
+            if output_attentions:
+                out[f"attentions_{i}"] = r.segment_attentions[i]
+        return out
+
+
+class RMTEncoderCPUOffload(RMTEncoderForSequenceClassification):
+    """The reference's long-evaluation class (``modeling_rmt.experimental``): only the last segment's
+    outputs are kept, so its output holds one ``loss_0`` (the last segment's) and memory stays flat."""
+
+    _last_segment_only = True

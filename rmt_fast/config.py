@@ -30,7 +30,7 @@ class RMTConfig:
     num_labels: int = 2
     label_names: Optional[tuple] = None
     bptt_depth: int = -1  # -1: backpropagate through every segment; k > 0: through the last k.
-    sum_loss: bool = False  # reference: loss of the last segment only, or the sum over segments.
+    sum_loss: bool = False  # reference: loss of the last segment only, or the mean over segments.
 
     def __post_init__(self):
         def fail(msg):
