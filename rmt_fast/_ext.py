@@ -37,10 +37,6 @@ SCHEMAS = {
     "attention": "attention(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale) -> Tensor",
 }
 
-_LIB = torch.library.Library("rmt_fast", "DEF")  # kept alive for the process: it owns the ops
-for _schema in SCHEMAS.values():
-    _LIB.define(_schema)
-
 _HALF_OR_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 _FLOATING = _HALF_OR_FLOAT + (torch.float64,)
 _DTYPE_NAMES = {_HALF_OR_FLOAT: "float32, bfloat16 or float16", _FLOATING: "float32, bfloat16, float16 or float64"}
@@ -274,7 +270,26 @@ def _register_twins() -> None:
                              "it with `pip install --no-build-isolation -e .`")
 
 
+def _define_ops() -> None:
+    """Define each op from SCHEMAS, after rmt_fast._C has registered its kernels (the dispatcher takes
+    kernels before the schema). A stale _C, built before the schemas moved here, defines them itself
+    (TORCH_LIBRARY): they are then left as they are, with a warning to rebuild."""
+    stale = []
+    for name, schema in SCHEMAS.items():
+        try:
+            defined = torch._C._dispatch_find_schema_or_throw(f"rmt_fast::{name}", "").schema()
+        except RuntimeError:
+            _LIB.define(schema)
+            continue
+        stale.append(name if str(defined) == f"rmt_fast::{schema}" else f"{name} (as {defined})")
+    if stale:
+        warnings.warn(f"rmt_fast._C was built from older sources: it defines {', '.join(stale)} itself; "
+                      "rebuild it with `pip install --no-build-isolation -e .`", RuntimeWarning, stacklevel=3)
+
+
+_LIB = torch.library.Library("rmt_fast", "FRAGMENT")  # kept alive for the process: it owns the ops
 _load()
+_define_ops()
 _register_twins()
 
 

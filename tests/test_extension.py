@@ -507,3 +507,21 @@ def test_cuda_hidden_size_limit():
     args = make_embed_inputs(1, 3, 1, limit + 1, device="cuda")
     with pytest.raises(RuntimeError, match=f"hidden size H = {limit + 1} exceeds the CUDA kernel's limit"):
         _ext.segment_embed(**args)
+
+
+def test_a_stale_build_that_defines_the_schemas_still_imports():
+    """A _C built before the schemas moved to Python defines them itself (TORCH_LIBRARY): importing
+    warns to rebuild instead of failing (simulated by defining the ops before rmt_fast is imported)."""
+    code = ("import warnings, torch\n"
+            "old = torch.library.Library('rmt_fast', 'DEF')\n"
+            "old.define('memory_write(Tensor(a!) state, Tensor hidden, int row_offset, Tensor slots) -> ()')\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    from rmt_fast import _ext\n"
+            "print([str(w.message) for w in caught])\n"
+            "state = torch.zeros(2, 3, 4)\n"
+            "_ext.memory_write(state, torch.ones(1, 3, 4), 0, torch.tensor([1]))\n"
+            "assert state[1].eq(1).all() and state[0].eq(0).all()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "built from older sources: it defines memory_write itself; rebuild it" in proc.stdout
