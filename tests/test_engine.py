@@ -163,7 +163,8 @@ def test_explicit_triton_without_gpu_or_interpreter_fails_loudly():
 
 
 def test_engine_same_with_and_without_the_extension(tmp_path):
-    """Without rmt_fast._C (a fresh process where it cannot be imported) every op is its torch twin."""
+    """Without rmt_fast._C (a fresh process where it cannot be imported): every op is its torch twin and
+    the cpp attention backend is unavailable."""
     import os
     import subprocess
     import sys

@@ -29,7 +29,6 @@
 
 namespace rmt_fast {
 
-
 // 2^x for finite x: 2^round(x) by scalef times 2^f, f in [-1/2, 1/2], by its Taylor polynomial of
 // degree 6 (relative error below 1.3e-7, about 1 ulp), or with kLow of degree 5 (below 2.5e-6, for
 // probabilities that are rounded to 16 bits next: bfloat16's half ulp is 2e-3); x far below -149

@@ -18,8 +18,10 @@ namespace rmt_fast {
 namespace {
 
 constexpr int kWarp = 32;
+constexpr int kMaxThreads = 512;  // per block of segment_embed
+static_assert(kReductionScratchFloats >= kMaxThreads / kWarp, "one scratch float per warp");
 
-// Sum over the block; blockDim.x is a multiple of 32. `scratch` holds 32 floats of shared memory
+// Sum over the block; blockDim.x is a multiple of 32. `scratch` holds a float per warp of shared memory
 // and may be reused once this returns.
 __device__ float block_sum(float v, float* scratch) {
   for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -130,7 +132,8 @@ void segment_embed_cuda(const at::Tensor& ids, const at::Tensor& memory, const a
   const auto word_c = word_emb.contiguous(), pos_c = pos_emb.contiguous();
   const auto type_c = type_emb0.contiguous(), w_c = ln_weight.contiguous(),
              b_c = ln_bias.contiguous();
-  const int threads = static_cast<int>(std::min<int64_t>(512, (sz.H + kWarp - 1) / kWarp * kWarp));
+  const int threads =
+      static_cast<int>(std::min<int64_t>(kMaxThreads, (sz.H + kWarp - 1) / kWarp * kWarp));
   const size_t smem = static_cast<size_t>(sz.H) * sizeof(float);
   dispatch_float<false>(word_emb.scalar_type(), "rmt_fast::segment_embed: tables", [&](auto t_tag) {
     using table_t = decltype(t_tag);
