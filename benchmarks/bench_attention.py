@@ -27,6 +27,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from attention_reference import attention_reference  # noqa: E402  the float64 oracle of every test
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "attention.json"
 MEMORY_ROWS = 10
 PROVIDERS = ["triton", "sdpa_flash", "sdpa_efficient", "sdpa_math", "eager"]
@@ -104,17 +107,6 @@ def make_providers(q, k, v, kl, scale):
     return available, skipped
 
 
-def reference(q, k, v, kl, scale):
-    """float32 softmax over float32 copies: the accuracy check for every provider."""
-    b, tq, h, d = q.shape
-    qt, kt, vt = (x.float().transpose(1, 2) for x in (q, k, v))
-    s = qt @ kt.transpose(-1, -2) * scale
-    if kl is not None:
-        s = s.masked_fill((torch.arange(k.shape[1], device=q.device)[None, :] >= kl[:, None])[:, None, None, :],
-                          float("-inf"))
-    return (torch.softmax(s, -1) @ vt).transpose(1, 2).reshape(b, tq, h * d)
-
-
 def bench_case(t, b, mode, args, dtype):
     import triton.testing
 
@@ -128,7 +120,7 @@ def bench_case(t, b, mode, args, dtype):
     scale = 1.0 / math.sqrt(d)
     tq = q.shape[1]
     flops = 4.0 * b * h * tq * t * d
-    want = reference(q, k, v, kl, scale)
+    want = attention_reference(q, k, v, kl, scale)
     fns, skipped = make_providers(q, k, v, kl, scale)
     rows = []
     for name in PROVIDERS:
@@ -138,7 +130,7 @@ def bench_case(t, b, mode, args, dtype):
             rows.append(row)
             continue
         fn = fns[name]
-        row["max_abs_err"] = (fn().float() - want).abs().max().item()
+        row["max_abs_err"] = (fn().double() - want).abs().max().item()
         med, lo, hi = triton.testing.do_bench(fn, warmup=25, rep=args.rep, quantiles=[0.5, 0.2, 0.8])
         row.update(ms=med, ms_p20=lo, ms_p80=hi, tflops=flops / (med * 1e-3) / 1e12)
         if args.cudagraph:

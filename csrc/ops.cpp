@@ -1,10 +1,10 @@
-// rmt_fast._C: the operator schemas (registered once, namespace rmt_fast), the input checks shared
-// by every backend, the Meta kernels (shape checks only, for FakeTensor/torch.compile/opcheck) and
-// the Python module stub that makes `import rmt_fast._C` load the library.
+// rmt_fast._C: the input checks shared by every kernel (CPU, CUDA, Meta), the Meta kernels (the
+// checks alone, for FakeTensor/torch.compile/opcheck) and the Python module stub that makes
+// `import rmt_fast._C` load the library.
 //
-// Every op mutates an argument and returns nothing: a custom op must not return an alias of its
-// input (functionalization cannot handle it), so the Python wrappers in rmt_fast/_ext.py return
-// `out` themselves.
+// The op schemas are defined once, in rmt_fast/_ext.py (torch.library), so that the pure-torch twins
+// can implement the same ops where this library is not built; this file and the kernels register
+// implementations only (TORCH_LIBRARY_IMPL).
 #include <Python.h>
 #include <torch/headeronly/version.h>
 #include <ATen/ops/empty.h>
@@ -119,23 +119,6 @@ MemoryWriteSizes check_memory_write(const at::Tensor& state, const at::Tensor& h
   return {S, M, H, B, R};
 }
 
-MemoryResetSizes check_memory_reset(const at::Tensor& state, const at::Tensor& init,
-                                    const at::Tensor& reset) {
-  const char* op = "memory_reset";
-  check_state(op, state);
-  const int64_t S = state.size(0), M = state.size(1), H = state.size(2);
-  CHECK_SHAPE(init, M, H);
-  RMT_CHECK(is_floating(init.scalar_type()),
-            "init must be float32, bfloat16, float16 or float64, got ", init.scalar_type());
-  CHECK_SHAPE(reset, S);
-  CHECK_DTYPE(reset, at::kBool);
-  const auto dev = state.device();
-  const char* dev_name = "state";
-  CHECK_DEVICE(init, dev);
-  CHECK_DEVICE(reset, dev);
-  return {S, M, H};
-}
-
 AttentionSizes check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& key_lengths, double scale) {
   const char* op = "attention";
@@ -187,9 +170,6 @@ void memory_write_meta(at::Tensor& state, const at::Tensor& hidden, int64_t row_
                        const at::Tensor& slots) {
   check_memory_write(state, hidden, row_offset, slots);
 }
-void memory_reset_meta(at::Tensor& state, const at::Tensor& init, const at::Tensor& reset) {
-  check_memory_reset(state, init, reset);
-}
 at::Tensor attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const std::optional<at::Tensor>& key_lengths, double scale) {
   const AttentionSizes sz = check_attention(q, k, v, key_lengths, scale);
@@ -198,20 +178,9 @@ at::Tensor attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Te
 
 }  // namespace
 
-TORCH_LIBRARY(rmt_fast, m) {
-  m.def(
-      "segment_embed(Tensor ids, Tensor memory, Tensor word_emb, Tensor pos_emb, Tensor type_emb0, "
-      "Tensor ln_weight, Tensor ln_bias, float eps, Tensor(a!) out) -> ()");
-  m.def("memory_write(Tensor(a!) state, Tensor hidden, int row_offset, Tensor slots) -> ()");
-  m.def("memory_reset(Tensor(a!) state, Tensor init, Tensor reset) -> ()");
-  // Returns a new tensor (no alias of an input): (B, Tq, heads * D), contiguous, q's dtype.
-  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(rmt_fast, Meta, m) {
   m.impl("segment_embed", &segment_embed_meta);
   m.impl("memory_write", &memory_write_meta);
-  m.impl("memory_reset", &memory_reset_meta);
   m.impl("attention", &attention_meta);
 }
 
@@ -228,13 +197,14 @@ TORCH_LIBRARY_IMPL(rmt_fast, Meta, m) {
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C",
-      "rmt_fast._C: custom ops in torch.ops.rmt_fast (segment_embed, memory_write, memory_reset, "
+      "rmt_fast._C: kernels of the ops in torch.ops.rmt_fast (segment_embed, memory_write, "
       "attention)",
       -1, nullptr};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
   if (PyModule_AddIntConstant(module, "WITH_CUDA", RMT_FAST_WITH_CUDA_VALUE) < 0 ||
-      PyModule_AddStringConstant(module, "TORCH_VERSION", TORCH_VERSION) < 0) {
+      PyModule_AddStringConstant(module, "TORCH_VERSION", TORCH_VERSION) < 0 ||
+      PyModule_AddIntConstant(module, "MAX_HIDDEN_CUDA", rmt_fast::kMaxHiddenCuda) < 0) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -14,17 +14,19 @@
 
 namespace rmt_fast {
 
-// CUDA segment_embed keeps one row of H float32 values in shared memory (48 KiB without opt-in).
-constexpr int64_t kMaxHiddenCuda = 12288;
+// CUDA segment_embed keeps one row of H float32 values in dynamic shared memory, beside its own
+// static 32-float reduction scratch; a block gets 48 KiB of shared memory without opt-in, so
+// H <= (49152 - 128) / 4 = 12256. tests/test_extension.py checks the scratch size against ptxas.
+constexpr int64_t kSharedMemoryBytes = 48 * 1024;
+constexpr int64_t kReductionScratchFloats = 32;
+constexpr int64_t kMaxHiddenCuda =
+    (kSharedMemoryBytes - kReductionScratchFloats * int64_t(sizeof(float))) / int64_t(sizeof(float));
 
 struct SegmentEmbedSizes {
   int64_t B, T, M, H, V;
 };
 struct MemoryWriteSizes {
   int64_t S, M, H, B, R;
-};
-struct MemoryResetSizes {
-  int64_t S, M, H;
 };
 struct AttentionSizes {
   int64_t B, Tq, Tk, H, D;
@@ -39,8 +41,6 @@ SegmentEmbedSizes check_segment_embed(const at::Tensor& ids, const at::Tensor& m
                                       const at::Tensor& ln_bias, double eps, const at::Tensor& out);
 MemoryWriteSizes check_memory_write(const at::Tensor& state, const at::Tensor& hidden,
                                     int64_t row_offset, const at::Tensor& slots);
-MemoryResetSizes check_memory_reset(const at::Tensor& state, const at::Tensor& init,
-                                    const at::Tensor& reset);
 // attention: q (B, Tq, heads, D), k and v (B, Tk, heads, D), one dtype (float32, bfloat16, float16),
 // any strides with the last one 1; key_lengths None or (B,) int64; scale finite.
 AttentionSizes check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

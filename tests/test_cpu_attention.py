@@ -13,6 +13,7 @@ import types
 import pytest
 import torch
 
+from attention_reference import attention_reference
 from helpers import bert_base_cased_config, make_model, oracle, random_docs
 from rmt_fast import Engine, _ext
 from rmt_fast.engine import backends
@@ -21,18 +22,6 @@ REASON = _ext.attention_why_unavailable()
 requires_op = pytest.mark.skipif(REASON is not None, reason=f"rmt_fast.attention unavailable: {REASON}")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def reference(q, k, v, key_lengths, scale):
-    """float64 softmax(scale q k^T + mask) v -> [B, Tq, heads * D]; a row with no key gives zeros."""
-    B, Tq, H, D = q.shape
-    qd, kd, vd = (x.double().transpose(1, 2) for x in (q, k, v))
-    s = qd @ kd.transpose(-1, -2) * scale
-    if key_lengths is not None:
-        keep = torch.arange(k.shape[1])[None, :] < key_lengths[:, None]
-        s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    return (p @ vd).transpose(1, 2).reshape(B, Tq, H * D)
 
 
 def fused_qkv(B, Tq, Tk, H, D, dtype, spread=1.0):
@@ -61,7 +50,7 @@ def check_against_reference(q, k, v, key_lengths, scale):
     B, Tq, H, D = q.shape
     assert got.shape == (B, Tq, H * D) and got.dtype == q.dtype and got.is_contiguous()
     assert torch.isfinite(got).all()
-    want = reference(q, k, v, key_lengths, scale)
+    want = attention_reference(q, k, v, key_lengths, scale)
     err = (got.double() - want).abs()
     # No worse than torch's own SDPA on the same inputs, max and mean: its error is the inputs'
     # conditioning (large scores amplify the products' rounding) plus, for 16-bit, mostly the final
@@ -165,22 +154,23 @@ print("ok")
 """
 
 
-def run_checks_with(env_var):
-    """SCALAR_SCRIPT's checks in a subprocess with ``env_var=1`` (the op reads its switches once per
-    process)."""
+def run_checks_with(env_var, value="1"):
+    """SCALAR_SCRIPT's checks in a subprocess with ``env_var=value`` (the op reads its switches once
+    per process)."""
     import os
     import subprocess
     import sys
     tests = os.path.dirname(os.path.abspath(__file__))
     run = subprocess.run([sys.executable, "-c", SCALAR_SCRIPT.format(tests=tests)],
-                         env=dict(os.environ, **{env_var: "1"}), capture_output=True, text=True, timeout=300)
+                         env=dict(os.environ, **{env_var: value}), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
 
 
 @requires_op
 def test_scalar_paths_without_avx512():
-    """RMT_FAST_ATTENTION_NO_AVX512=1: the scalar row passes and packing, as on a CPU without AVX-512."""
-    run_checks_with("RMT_FAST_ATTENTION_NO_AVX512")
+    """ATEN_CPU_CAPABILITY=avx2 (torch's own switch, which the op follows): the row passes and packing
+    without AVX-512, as on a CPU without it."""
+    run_checks_with("ATEN_CPU_CAPABILITY", "avx2")
 
 
 @requires_op
@@ -260,7 +250,7 @@ def test_torch_twin_matches_reference(dtype):
     q, k, v = fused_qkv(3, 11, 40, 2, 32, dtype)
     kl = torch.tensor([40, 0, 1])
     got = _ext.attention_torch(q, k, v, kl, 0.25)
-    want = reference(q, k, v, kl, 0.25)
+    want = attention_reference(q, k, v, kl, 0.25)
     assert got.dtype == dtype and got.shape == want.shape
     # 16-bit: one rounding of P and of the output dominate; float32: rounding accumulates over the keys.
     ulps = 32 if dtype == torch.float32 else 4
@@ -268,13 +258,16 @@ def test_torch_twin_matches_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_dispatching_wrapper(dtype):
+def test_the_op_callers_call_matches_reference(dtype):
+    """_ext.attention: the compiled kernel where built, else the twin registered as the op; either way
+    against the float64 reference (not against the twin, which would compare the twin with itself)."""
     q, k, v = fused_qkv(2, 9, 20, 2, 32, dtype)
-    got = _ext.attention(q, k, v, torch.tensor([20, 3]))  # default scale 1/sqrt(D)
-    want = _ext.attention_torch(q, k, v, torch.tensor([20, 3]), 1 / math.sqrt(32))
-    ulps = 32 if dtype == torch.float32 else 8  # two summation orders; float32 accumulates over the keys
-    assert (got.float() - want.float()).abs().max().item() <= ulps * torch.finfo(dtype).eps * max(
-        1, want.float().abs().max().item())
+    kl = torch.tensor([20, 3])
+    got = _ext.attention(q, k, v, kl)  # default scale 1/sqrt(D)
+    want = attention_reference(q, k, v, kl, 1 / math.sqrt(32))
+    assert got.dtype == dtype and got.shape == want.shape
+    ulps = 32 if dtype == torch.float32 else 4
+    assert (got.double() - want).abs().max().item() <= ulps * torch.finfo(dtype).eps * max(1, want.abs().max().item())
 
 
 # --- the backend ----------------------------------------------------------------------------------
@@ -315,7 +308,7 @@ def test_backend_matches_sdpa_backend(dtype):
     q, k, v = fused_qkv(2, 11, 522, 12, 64, dtype)
     kl = torch.tensor([522, 100])
     got = backends.attention("cpp", q, k, v, kl, scale=0.125)
-    want = reference(q, k, v, kl, 0.125)
+    want = attention_reference(q, k, v, kl, 0.125)
     sdpa = backends.attention("sdpa", q, k, v, kl, scale=0.125)
     assert (got.double() - want).abs().max() <= 2 * (sdpa.double() - want).abs().max() + 1e-6
 

@@ -162,15 +162,35 @@ def test_explicit_triton_without_gpu_or_interpreter_fails_loudly():
     assert res.returncode == 0 and "ERR" not in res.stdout, res.stdout + res.stderr
 
 
-def test_engine_same_with_and_without_the_extension(monkeypatch):
+def test_engine_same_with_and_without_the_extension(tmp_path):
+    """Without rmt_fast._C (a fresh process where it cannot be imported): every op is its torch twin and
+    the cpp attention backend is unavailable."""
+    import os
+    import subprocess
+    import sys
     from rmt_fast import _ext
     if not _ext.available():
         pytest.skip(f"extension not built: {_ext.why_unavailable()}")
     model = tiny_model()
     docs = random_docs([1, 40, 19], 60, low=3)
     with_ext = Engine(model).classify(docs, batch_size=2)
-    monkeypatch.setattr(_ext, "why_unavailable", lambda device=None: "disabled by the test")
-    without = Engine(model).classify(docs, batch_size=2)
+    torch.save({"weights": model.state_dict(), "docs": docs}, tmp_path / "case.pt")
+    code = ("import sys, torch; sys.modules['rmt_fast._C'] = None\n"
+            "from helpers import tiny_model\n"
+            "from rmt_fast import Engine, _ext\n"
+            "assert not _ext.available() and _ext.attention_why_unavailable() is not None\n"
+            f"case = torch.load({str(tmp_path / 'case.pt')!r}, weights_only=True)\n"
+            "model = tiny_model()\n"
+            "model.load_state_dict(case['weights'])\n"
+            "engine = Engine(model)\n"
+            "out = engine.classify(case['docs'], batch_size=2)\n"
+            "assert 'cpp' not in engine.plan._chosen.values(), engine.plan._chosen\n"
+            f"torch.save(out, {str(tmp_path / 'out.pt')!r})\n")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])))
+    assert run.returncode == 0, run.stderr[-3000:]
+    without = torch.load(tmp_path / "out.pt", weights_only=True)
     assert (with_ext - without).abs().max() <= 1e-5
     want = torch.stack([oracle(model, d) for d in docs])
     assert (without.double() - want).abs().max() <= 1e-4

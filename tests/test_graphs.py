@@ -23,11 +23,11 @@ def _static(engine):
 
 @pytest.fixture(params=["extension", "torch twins"])
 def memory_ops(request, monkeypatch):
-    """Both implementations of memory_write/memory_reset: rmt_fast._C's (where built) and the torch twins."""
+    """Both implementations of segment_embed/memory_write: rmt_fast._C's (where built) and the torch twins."""
     from rmt_fast import _ext
     if request.param == "torch twins":
-        monkeypatch.setattr(_ext, "_C", None)
-        monkeypatch.setattr(_ext, "_REASON", "turned off for this test")
+        monkeypatch.setattr(_ext, "segment_embed", _ext.segment_embed_torch)
+        monkeypatch.setattr(_ext, "memory_write", _ext.memory_write_torch)
     elif not _ext.available():
         pytest.skip(f"rmt_fast._C is not built: {_ext.why_unavailable()}")
     return request.param

@@ -4,13 +4,13 @@ On a CPU these run under Triton's interpreter (conftest sets TRITON_INTERPRET=1 
 in float32 and float16 only: the interpreter's bfloat16 tl.dot is broken (docs/DESIGN.md), so the bfloat16
 tests need a GPU and skip here. Sizes are small on purpose; the interpreter runs one program at a time.
 """
-import math
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from attention_reference import attention_reference as reference
 from conftest import HAS_CUDA, INTERPRET, requires_cuda
 
 triton = pytest.importorskip("triton")
@@ -27,18 +27,6 @@ TOL = {
 }
 CPU_DTYPES = [torch.float32, torch.float16]
 ODD_T = [1, 2, 11, 12, 100, 511, 512, 513]
-
-
-def reference(q, k, v, key_lengths=None, scale=None):
-    """softmax(q k^T * scale) v in float64; rows with no valid key give 0. Returns [B, Tq, H*D] float64."""
-    b, tq, h, d = q.shape
-    qd, kd, vd = (t.double().transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
-    s = (qd @ kd.transpose(-1, -2)) * (scale if scale is not None else 1.0 / math.sqrt(d))  # [B, H, Tq, Tk]
-    if key_lengths is not None:
-        pad = torch.arange(k.shape[1], device=q.device)[None, :] >= key_lengths[:, None].to(q.device)  # [B, Tk]
-        s = s.masked_fill(pad[:, None, None, :], float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # an all -inf row is NaN in torch; defined as 0 here
-    return (p @ vd).transpose(1, 2).reshape(b, tq, h * d)
 
 
 def fused_qkv(b, t, h, d, dtype):

@@ -18,6 +18,9 @@
 // packing per call), not the AMX micro-kernel on pre-packed K and V; it only uses brgemm + pack for
 // float16. And SDPA's mask path adds a float mask to every score.
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/native/CPUBlas.h>
 #include <ATen/ops/empty.h>
@@ -33,59 +36,37 @@
 
 #include "../rmt_fast.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define RMT_FAST_X86 1
-#include <immintrin.h>
-// GCC 12's AVX-512 headers trip these inside the masked intrinsics (_mm512_undefined_*).
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
-
-// #define RMT_FAST_ATTN_PROFILE  // per-phase timings of thread 0, printed by torch.ops.rmt_fast.attn_prof
-#ifdef RMT_FAST_ATTN_PROFILE
-#include <chrono>
-#include <cstdio>
-#define PROF_NOW(t) const double t = prof_now()
-#define PROF_ADD(i, t0, t1) \
-  if (tid == 0) g_prof[i] += (t1) - (t0)
-#else
-#define PROF_NOW(t)
-#define PROF_ADD(i, t0, t1)
-#endif
+#include "avx512.h"
+#include "vnni_pack.h"
 
 namespace rmt_fast {
 namespace {
-#ifdef RMT_FAST_ATTN_PROFILE
-double g_prof[4];
-double prof_now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
+
+constexpr int64_t kQBlock = 64;  // query rows per work item (brgemm M)
+
+// Whether the row passes and the packing take the AVX-512 code of avx512.h: where ATen itself runs
+// its AVX-512 kernels (at::get_cpu_capability(), which follows torch's own ATEN_CPU_CAPABILITY
+// switch: ATEN_CPU_CAPABILITY=avx2 takes the scalar paths, as the tests do). Read once.
+bool cpu_has_avx512() {
+#ifdef RMT_FAST_X86
+  static const bool has = at::get_cpu_capability() == "AVX512";
+  return has;
+#else
+  return false;
 #endif
-
-constexpr int64_t kQBlock = 64;    // query rows per work item (brgemm M)
-constexpr int64_t kKvBlock = 512;  // keys per online-softmax step (a multiple of kNBlock)
-constexpr int64_t kNBlock = 64;    // K^T columns are padded to 64s; p v goes 64 columns a call
-
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-inline int64_t div_up(int64_t x, int64_t m) { return (x + m - 1) / m; }
-
-template <typename To, typename From>
-inline To to_type(From x) {
-  if constexpr (std::is_same_v<To, From>) {
-    return x;
-  } else {
-    return static_cast<To>(static_cast<float>(x));
-  }
 }
 
-// --- row passes, scalar ----------------------------------------------------------------------------
+// --- row passes without AVX-512 --------------------------------------------------------------------
 //
 // The softmax runs in base 2: with c = scale * log2(e), m = max_j(c s_j), p_j = 2^(c s_j - m).
+// at::vec at the build's baseline ISA where it does the job; the exp and the 16-bit stores stay
+// scalar (std::exp2, c10's round-to-nearest-even conversions).
 
-float row_max_scalar(const float* s, int64_t n, float c) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, s[i] * c);
-  return m;
+using Vec = at::vec::Vectorized<float>;
+
+float row_max_scalar(const float* s, int64_t n, float c) {  // n >= 1
+  return at::vec::map_reduce_all<float>([c](Vec x) { return x * Vec(c); },
+                                        [](Vec a, Vec b) { return at::vec::maximum(a, b); }, s, n);
 }
 
 template <typename P>
@@ -100,221 +81,13 @@ float exp_row_scalar(const float* s, int64_t n, float c, float m, P* p) {
 }
 
 void scale_row_scalar(float* o, int64_t n, float a) {
-  for (int64_t i = 0; i < n; ++i) o[i] *= a;
+  at::vec::map([a](Vec x) { return x * Vec(a); }, o, o, n);
 }
 
 template <typename T>
 void store_row_scalar(const float* o, int64_t n, float inv, T* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = to_type<T>(o[i] * inv);
 }
-
-// --- row passes and packing, AVX-512 ---------------------------------------------------------------
-
-#ifdef RMT_FAST_X86
-#define RMT_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
-#define RMT_AVX512_BF16 __attribute__((target("avx512f,avx512bf16,avx512vl,avx2,fma,f16c")))
-
-// RMT_FAST_ATTENTION_NO_AVX512=1 takes the scalar paths (read once; for the tests).
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") != 0 &&
-                          std::getenv("RMT_FAST_ATTENTION_NO_AVX512") == nullptr;
-  return has;
-}
-
-// 2^x for finite x: 2^round(x) by scalef times 2^f, f in [-1/2, 1/2], by its Taylor polynomial of
-// degree 6 (relative error below 1.3e-7, about 1 ulp), or with kLow of degree 5 (below 2.5e-6, for
-// probabilities that are rounded to 16 bits next: bfloat16's half ulp is 2e-3); x far below -149
-// gives 0.
-template <bool kLow = false>
-RMT_AVX512 static inline __m512 exp2_512(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p;
-  if constexpr (kLow) {
-    p = _mm512_set1_ps(1.3333558146428443e-3f);
-  } else {
-    p = _mm512_set1_ps(1.5403530393381606e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  }
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
-inline __mmask16 tail_mask(int64_t rem) { return static_cast<__mmask16>((1u << rem) - 1u); }
-
-// 16 floats to P at p (the first `count` of them).
-template <typename P>
-RMT_AVX512 static inline void store16(P* p, __m512 x, int64_t count) {
-  if constexpr (std::is_same_v<P, float>) {
-    _mm512_mask_storeu_ps(p, tail_mask(count), x);
-  } else {
-    __m256i h;
-    if constexpr (std::is_same_v<P, c10::BFloat16>) {
-      // round to nearest even (NaN stays NaN: only its payload's low bits can carry into the sign)
-      const __m512i b = _mm512_castps_si512(x);
-      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-      const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-      h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-    } else {
-      h = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    }
-    if (count == 16) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
-    } else {
-      alignas(32) uint16_t tmp[16];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), h);
-      std::memcpy(p, tmp, count * sizeof(uint16_t));
-    }
-  }
-}
-
-RMT_AVX512 float row_max_avx512(const float* s, int64_t n, float c) {
-  if (c > 0.f) {  // max(c s) = c max(s)
-    __m512 m0 = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), m1 = m0;
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-      m0 = _mm512_max_ps(m0, _mm512_loadu_ps(s + i));
-      m1 = _mm512_max_ps(m1, _mm512_loadu_ps(s + i + 16));
-    }
-    for (; i < n; i += 16) {
-      const __mmask16 k = tail_mask(std::min<int64_t>(16, n - i));
-      m0 = _mm512_mask_max_ps(m0, k, m0, _mm512_maskz_loadu_ps(k, s + i));
-    }
-    return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1)) * c;
-  }
-  const __m512 vc = _mm512_set1_ps(c);
-  __m512 m0 = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), m1 = m0;
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    m0 = _mm512_max_ps(m0, _mm512_mul_ps(_mm512_loadu_ps(s + i), vc));
-    m1 = _mm512_max_ps(m1, _mm512_mul_ps(_mm512_loadu_ps(s + i + 16), vc));
-  }
-  for (; i < n; i += 16) {
-    const __mmask16 k = tail_mask(std::min<int64_t>(16, n - i));
-    m0 = _mm512_mask_max_ps(m0, k, m0, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + i), vc));
-  }
-  return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
-}
-
-template <typename P>
-RMT_AVX512 float exp_row_avx512(const float* s, int64_t n, float c, float m, P* p) {
-  constexpr bool low = !std::is_same_v<P, float>;
-  const __m512 vc = _mm512_set1_ps(c), vm = _mm512_set1_ps(m);
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    const __m512 e0 = exp2_512<low>(_mm512_fmsub_ps(_mm512_loadu_ps(s + i), vc, vm));
-    const __m512 e1 = exp2_512<low>(_mm512_fmsub_ps(_mm512_loadu_ps(s + i + 16), vc, vm));
-    acc0 = _mm512_add_ps(acc0, e0);
-    acc1 = _mm512_add_ps(acc1, e1);
-    store16(p + i, e0, 16);
-    store16(p + i + 16, e1, 16);
-  }
-  for (; i < n; i += 16) {
-    const int64_t count = std::min<int64_t>(16, n - i);
-    const __mmask16 k = tail_mask(count);
-    const __m512 e =
-        _mm512_maskz_mov_ps(k, exp2_512<low>(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, s + i), vc, vm)));
-    acc0 = _mm512_add_ps(acc0, e);
-    store16(p + i, e, count);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-}
-
-// The bfloat16 probabilities of the bf16 micro-kernel path, rounded by AVX512-BF16 (every AMX CPU has
-// it; without AMX, bf16_brgemm_usable takes this path only where the CPU has it). A twin of
-// exp_row_avx512 rather than one template: its intrinsics need the wider target attribute.
-RMT_AVX512_BF16 float exp_row_avx512_bf16(const float* s, int64_t n, float c, float m,
-                                          c10::BFloat16* p) {
-  const __m512 vc = _mm512_set1_ps(c), vm = _mm512_set1_ps(m);
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    const __m512 e0 = exp2_512<true>(_mm512_fmsub_ps(_mm512_loadu_ps(s + i), vc, vm));
-    const __m512 e1 = exp2_512<true>(_mm512_fmsub_ps(_mm512_loadu_ps(s + i + 16), vc, vm));
-    acc0 = _mm512_add_ps(acc0, e0);
-    acc1 = _mm512_add_ps(acc1, e1);
-    _mm512_storeu_si512(p + i, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
-  }
-  for (; i < n; i += 16) {
-    const int64_t count = std::min<int64_t>(16, n - i);
-    const __mmask16 k = tail_mask(count);
-    const __m512 e =
-        _mm512_maskz_mov_ps(k, exp2_512<true>(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, s + i), vc, vm)));
-    acc0 = _mm512_add_ps(acc0, e);
-    alignas(32) uint16_t tmp[16];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), (__m256i)_mm512_cvtneps_pbh(e));
-    std::memcpy(p + i, tmp, count * sizeof(uint16_t));
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-}
-
-RMT_AVX512 void scale_row_avx512(float* o, int64_t n, float a) {
-  const __m512 va = _mm512_set1_ps(a);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 k = tail_mask(std::min<int64_t>(16, n - i));
-    _mm512_mask_storeu_ps(o + i, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, o + i), va));
-  }
-}
-
-template <typename T>
-RMT_AVX512 void store_row_avx512(const float* o, int64_t n, float inv, T* out) {
-  const __m512 vi = _mm512_set1_ps(inv);
-  for (int64_t i = 0; i < n; i += 16) {
-    const int64_t count = std::min<int64_t>(16, n - i);
-    store16(out + i, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail_mask(count), o + i), vi), count);
-  }
-}
-
-// 16 x 16 block of 32-bit words: dst[x * ld + n] = word x of row n (rows at src + n * row_bytes).
-RMT_AVX512 void transpose16_avx512(const char* src, int64_t row_bytes, uint32_t* dst, int64_t ld) {
-  __m512i r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * row_bytes);
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int g = 0; g < 16; g += 8) {
-    for (int i = 0; i < 4; ++i) {
-      t[g + i] = _mm512_shuffle_i32x4(r[g + i], r[g + 4 + i], 0x88);
-      t[g + 4 + i] = _mm512_shuffle_i32x4(r[g + i], r[g + 4 + i], 0xdd);
-    }
-  }
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
-    r[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xdd);
-  }
-  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + i * ld, r[i]);  // r[i]: word i of rows 0..15
-}
-
-// dst[n] = lo[n] | hi[n] << 16 (a VNNI pair of 16-bit values per 32-bit word); hi may be null (0).
-RMT_AVX512 void interleave_avx512(const uint16_t* lo, const uint16_t* hi, int64_t n, uint32_t* dst) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + i)));
-    __m512i w = a;
-    if (hi != nullptr) {
-      const __m512i b =
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi + i)));
-      w = _mm512_or_si512(a, _mm512_slli_epi32(b, 16));
-    }
-    _mm512_storeu_si512(dst + i, w);
-  }
-  for (; i < n; ++i) dst[i] = uint32_t(lo[i]) | (hi != nullptr ? uint32_t(hi[i]) << 16 : 0u);
-}
-#else
-bool cpu_has_avx512() { return false; }
-#endif
 
 float row_max(bool avx, const float* s, int64_t n, float c) {
 #ifdef RMT_FAST_X86
@@ -344,108 +117,6 @@ void store_row(bool avx, const float* o, int64_t n, float inv, T* out) {
   if (avx) return store_row_avx512(o, n, inv, out);
 #endif
   store_row_scalar(o, n, inv, out);
-}
-
-// dst[x * ld + n] = the 32-bit word x of row n, row n at src + n * row_bytes, n < rows, x < words.
-void transpose_words(bool avx, const char* src, int64_t row_bytes, int64_t rows, int64_t words,
-                     uint32_t* dst, int64_t ld) {
-  int64_t n0 = 0;
-#ifdef RMT_FAST_X86
-  if (avx) {
-    for (; n0 + 16 <= rows; n0 += 16) {
-      int64_t x0 = 0;
-      for (; x0 + 16 <= words; x0 += 16) {
-        transpose16_avx512(src + n0 * row_bytes + 4 * x0, row_bytes, dst + x0 * ld + n0, ld);
-      }
-      for (int64_t n = n0; n < n0 + 16; ++n) {
-        for (int64_t x = x0; x < words; ++x) std::memcpy(dst + x * ld + n, src + n * row_bytes + 4 * x, 4);
-      }
-    }
-  }
-#endif
-  for (int64_t n = n0; n < rows; ++n) {
-    for (int64_t x = 0; x < words; ++x) std::memcpy(dst + x * ld + n, src + n * row_bytes + 4 * x, 4);
-  }
-}
-
-// --- packing of K^T and V into the micro-kernel's B layout -----------------------------------------
-//
-// brgemm computes C[M, N] (+)= A[M, K] B[K, N], A and C row-major, B either plain row-major [K, N]
-// with row length ld_b or, for 16-bit types (vnni), in pairs of K rows: B[k/2][n][k%2], ld_b
-// counting pairs. Per (batch, head), with L keys and Lp = Tk rounded up to 64:
-//   K^T: [Dk, Lp] (plain, Dk = D) or [Dk/2, Lp, 2] (vnni, Dk = D rounded up to even), ld_b = Lp,
-//        zeros past D and for keys L .. L rounded up to 64;
-//   V:   per key block at key s of ekv = (block length rounded up to even) rows, chunks of
-//        [ekv, w] (plain) or [ekv/2, w, 2] (vnni) over the Dn = D rounded up to 16 columns,
-//        w = min(64, Dn - c0), ld_b = w; the block at s * Dn, its chunk c0 at s * Dn + ekv * c0
-//        (zeros past the block's keys and past D). float32 uses V in place instead.
-
-template <typename in_t, typename mm_t, bool vnni>
-void pack_kt(bool avx, const in_t* k, int64_t ks, int64_t L, int64_t D, int64_t Lp, mm_t* dst) {
-  const int64_t Lz = round_up(L, kNBlock);  // columns L .. Lz - 1 are read (as zeros)
-  if constexpr (std::is_same_v<in_t, mm_t>) {
-    // float32 words, or pairs of 16-bit values moving as one 32-bit word
-    constexpr int64_t per_word = 4 / sizeof(mm_t);
-    const int64_t words = D / per_word, Dk = round_up(D, per_word);
-    uint32_t* d = reinterpret_cast<uint32_t*>(dst);
-    transpose_words(avx, reinterpret_cast<const char*>(k), ks * int64_t(sizeof(in_t)), L, words, d, Lp);
-    if (Dk > D) {  // odd D (16-bit): the last word is (k[D-1], 0)
-      for (int64_t n = 0; n < L; ++n) {
-        uint16_t half[2] = {0, 0};
-        std::memcpy(&half[0], k + n * ks + D - 1, sizeof(uint16_t));
-        std::memcpy(d + words * Lp + n, half, 4);
-      }
-    }
-    for (int64_t x = 0; x < Dk / per_word; ++x) {
-      for (int64_t n = L; n < Lz; ++n) d[x * Lp + n] = 0;
-    }
-  } else {
-    const int64_t Dk = vnni ? round_up(D, 2) : D;
-    for (int64_t n = 0; n < Lz; ++n) {
-      const in_t* row = k + n * ks;
-      for (int64_t x = 0; x < Dk; ++x) {
-        const mm_t val = (n < L && x < D) ? to_type<mm_t>(row[x]) : mm_t(0);
-        if constexpr (vnni) {
-          dst[((x / 2) * Lp + n) * 2 + (x % 2)] = val;
-        } else {
-          dst[x * Lp + n] = val;
-        }
-      }
-    }
-  }
-}
-
-template <typename in_t, typename mm_t, bool vnni>
-void pack_v(bool avx, const in_t* v, int64_t vs, int64_t L, int64_t D, int64_t Dn, mm_t* dst) {
-  for (int64_t s = 0; s < L; s += kKvBlock) {
-    const int64_t len = std::min(kKvBlock, L - s), ekv = round_up(len, 2);
-    for (int64_t c0 = 0; c0 < Dn; c0 += kNBlock) {
-      const int64_t w = std::min(kNBlock, Dn - c0), cols = std::max<int64_t>(0, std::min(w, D - c0));
-      mm_t* d = dst + s * Dn + ekv * c0;
-      if constexpr (vnni && std::is_same_v<in_t, mm_t>) {
-#ifdef RMT_FAST_X86
-        if (avx) {
-          for (int64_t r = 0; r < ekv; r += 2) {
-            const uint16_t* lo = reinterpret_cast<const uint16_t*>(v + (s + r) * vs + c0);
-            const uint16_t* hi = r + 1 < len ? reinterpret_cast<const uint16_t*>(v + (s + r + 1) * vs + c0) : nullptr;
-            uint32_t* out = reinterpret_cast<uint32_t*>(d + r * w);
-            interleave_avx512(lo, hi, cols, out);
-            for (int64_t n = cols; n < w; ++n) out[n] = 0;
-          }
-          continue;
-        }
-#endif
-      }
-      for (int64_t r = 0; r < ekv; ++r) {
-        const in_t* row = v + (s + r) * vs + c0;
-        mm_t* out = vnni ? d + (r / 2) * 2 * w + (r % 2) : d + r * w;
-        const int64_t step = vnni ? 2 : 1;
-        const int64_t valid = r < len ? cols : 0;
-        for (int64_t n = 0; n < valid; ++n) out[n * step] = to_type<mm_t>(row[n]);
-        for (int64_t n = valid; n < w; ++n) out[n * step] = mm_t(0);
-      }
-    }
-  }
 }
 
 // Whether bfloat16 runs oneDNN's bf16 micro-kernel on VNNI-packed B: on AMX (could_pack) and on
@@ -571,12 +242,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         for (int64_t r = 0; r < M; ++r) std::fill(o_rows + r * row_out, o_rows + r * row_out + D, in_t(0));
         continue;
       }
-      if (fused && t0 == 0) {
-        PROF_NOW(tp0);
-        pack_head(bh, own_pack);
-        PROF_NOW(tp1);
-        PROF_ADD(0, tp0, tp1);
-      }
+      if (fused && t0 == 0) pack_head(bh, own_pack);
       const in_t* q_rows = qd + b * qs0 + t0 * qs1 + h * qs2;
       const mm_t* A;
       int64_t lda;
@@ -597,12 +263,9 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       used_brgemm = true;
       for (int64_t s = 0; s < L; s += KV) {
         const int64_t len = std::min(KV, L - s), ekv = round_up(len, 2);
-        PROF_NOW(ta);
         // S = Q K^T over this block's keys (in 64s; the columns past len are zeros)
         at::native::cpublas::brgemm(M, round_up(len, kNBlock), Dk, lda, Lp, KV, /*add_C=*/false, A,
                                     kt + s * (vnni ? 2 : 1), S, vnni);
-        PROF_NOW(tb);
-        PROF_ADD(1, ta, tb);
         // online softmax: new row max, P = 2^(c S - max), rescale what came before
         for (int64_t r = 0; r < M; ++r) {
           const float* srow = S + r * KV;
@@ -620,8 +283,6 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           }
           mx[r] = m_new;
         }
-        PROF_NOW(tc);
-        PROF_ADD(2, tb, tc);
         // O (+)= P V
         for (int64_t c0 = 0; c0 < D; c0 += kNBlock) {
           if constexpr (v_direct) {
@@ -634,8 +295,6 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                                         vp + s * Dn + ekv * c0, O + c0, vnni);
           }
         }
-        PROF_NOW(td);
-        PROF_ADD(3, tc, td);
       }
       for (int64_t r = 0; r < M; ++r) store_row(avx, O + r * Dn, D, 1.f / sum[r], o_rows + r * row_out);
     }
@@ -687,19 +346,8 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   return out;
 }
 
-#ifdef RMT_FAST_ATTN_PROFILE
-void attn_prof(int64_t n) {
-  std::printf("pack %.3f  qk %.3f  softmax %.3f  pv %.3f  ms\n", g_prof[0] * 1e3 / n,
-              g_prof[1] * 1e3 / n, g_prof[2] * 1e3 / n, g_prof[3] * 1e3 / n);
-  for (auto& x : g_prof) x = 0;
-}
-#endif
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rmt_fast, CPU, m) { m.impl("attention", &attention_cpu); }
-#ifdef RMT_FAST_ATTN_PROFILE
-TORCH_LIBRARY_FRAGMENT(rmt_fast, m) { m.def("attn_prof(int n) -> ()", &attn_prof); }
-#endif
 
 }  // namespace rmt_fast

@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 #include "../rmt_fast.h"
@@ -160,28 +159,11 @@ void memory_write_cpu(at::Tensor& state, const at::Tensor& hidden, int64_t row_o
   });
 }
 
-void memory_reset_cpu(at::Tensor& state, const at::Tensor& init, const at::Tensor& reset) {
-  const auto sz = check_memory_reset(state, init, reset);
-  if (sz.S * sz.M * sz.H == 0) return;
-  const auto init_f = init.to(at::kFloat).contiguous();  // [M, H]
-  const auto reset_c = reset.contiguous();
-  const bool* r = reset_c.const_data_ptr<bool>();
-  const float* src = init_f.const_data_ptr<float>();
-  float* dst = state.mutable_data_ptr<float>();
-  const int64_t n = sz.M * sz.H;
-  at::parallel_for(0, sz.S, row_grain(n, kCopyGrain), [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) {
-      if (r[s]) std::memcpy(dst + s * n, src, n * sizeof(float));
-    }
-  });
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rmt_fast, CPU, m) {
   m.impl("segment_embed", &segment_embed_cpu);
   m.impl("memory_write", &memory_write_cpu);
-  m.impl("memory_reset", &memory_reset_cpu);
 }
 
 }  // namespace rmt_fast

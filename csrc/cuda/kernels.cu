@@ -18,8 +18,10 @@ namespace rmt_fast {
 namespace {
 
 constexpr int kWarp = 32;
+constexpr int kMaxThreads = 512;  // per block of segment_embed
+static_assert(kReductionScratchFloats >= kMaxThreads / kWarp, "one scratch float per warp");
 
-// Sum over the block; blockDim.x is a multiple of 32. `scratch` holds 32 floats of shared memory
+// Sum over the block; blockDim.x is a multiple of 32. `scratch` holds a float per warp of shared memory
 // and may be reused once this returns.
 __device__ float block_sum(float v, float* scratch) {
   for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -51,7 +53,7 @@ __global__ void segment_embed_kernel(const int64_t* __restrict__ ids,       // [
                                      float eps, out_t* __restrict__ out,   // [B, T, H]
                                      int64_t T, int64_t M, int64_t H, int64_t V) {
   extern __shared__ float e[];  // [H]
-  __shared__ float scratch[kWarp];
+  __shared__ float scratch[kReductionScratchFloats];
   const int64_t row = blockIdx.x;
   const int64_t b = row / T, t = row % T;
   const bool is_memory = t >= 1 && t <= M;
@@ -104,18 +106,6 @@ __global__ void memory_write_kernel(float* __restrict__ state,          // [S, M
   }
 }
 
-template <typename i_t>
-__global__ void memory_reset_kernel(float* __restrict__ state,       // [S, M, H]
-                                    const i_t* __restrict__ init,    // [M, H]
-                                    const bool* __restrict__ reset,  // [S]
-                                    int64_t S, int64_t MH) {
-  const int64_t n = S * MH;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    if (reset[i / MH]) state[i] = static_cast<float>(init[i % MH]);
-  }
-}
-
 constexpr int kElementwiseThreads = 256;
 
 int elementwise_blocks(int64_t n) {
@@ -130,8 +120,9 @@ void segment_embed_cuda(const at::Tensor& ids, const at::Tensor& memory, const a
                         at::Tensor& out) {
   const auto sz =
       check_segment_embed(ids, memory, word_emb, pos_emb, type_emb0, ln_weight, ln_bias, eps, out);
-  TORCH_CHECK(sz.H <= kMaxHiddenCuda, "rmt_fast::segment_embed: H = ", sz.H,
-              " exceeds the CUDA kernel's limit of ", kMaxHiddenCuda);
+  TORCH_CHECK(sz.H <= kMaxHiddenCuda, "rmt_fast::segment_embed: hidden size H = ", sz.H,
+              " exceeds the CUDA kernel's limit of ", kMaxHiddenCuda,
+              " (one row of float32 and the reduction scratch in 48 KiB of shared memory)");
   const int64_t rows = sz.B * sz.T;
   if (rows == 0) return;
   TORCH_CHECK(rows <= INT32_MAX, "rmt_fast::segment_embed: B * T = ", rows, " rows is too many");
@@ -141,7 +132,8 @@ void segment_embed_cuda(const at::Tensor& ids, const at::Tensor& memory, const a
   const auto word_c = word_emb.contiguous(), pos_c = pos_emb.contiguous();
   const auto type_c = type_emb0.contiguous(), w_c = ln_weight.contiguous(),
              b_c = ln_bias.contiguous();
-  const int threads = static_cast<int>(std::min<int64_t>(512, (sz.H + kWarp - 1) / kWarp * kWarp));
+  const int threads =
+      static_cast<int>(std::min<int64_t>(kMaxThreads, (sz.H + kWarp - 1) / kWarp * kWarp));
   const size_t smem = static_cast<size_t>(sz.H) * sizeof(float);
   dispatch_float<false>(word_emb.scalar_type(), "rmt_fast::segment_embed: tables", [&](auto t_tag) {
     using table_t = decltype(t_tag);
@@ -176,28 +168,11 @@ void memory_write_cuda(at::Tensor& state, const at::Tensor& hidden, int64_t row_
   });
 }
 
-void memory_reset_cuda(at::Tensor& state, const at::Tensor& init, const at::Tensor& reset) {
-  const auto sz = check_memory_reset(state, init, reset);
-  const int64_t n = sz.S * sz.M * sz.H;
-  if (n == 0) return;
-  const c10::cuda::CUDAGuard guard(state.device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto init_c = init.contiguous(), reset_c = reset.contiguous();
-  dispatch_float<true>(init.scalar_type(), "rmt_fast::memory_reset: init", [&](auto tag) {
-    using i_t = decltype(tag);
-    memory_reset_kernel<i_t><<<elementwise_blocks(n), kElementwiseThreads, 0, stream>>>(
-        state.mutable_data_ptr<float>(), init_c.const_data_ptr<i_t>(),
-        reset_c.const_data_ptr<bool>(), sz.S, sz.M * sz.H);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rmt_fast, CUDA, m) {
   m.impl("segment_embed", &segment_embed_cuda);
   m.impl("memory_write", &memory_write_cuda);
-  m.impl("memory_reset", &memory_reset_cuda);
 }
 
 }  // namespace rmt_fast
