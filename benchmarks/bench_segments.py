@@ -29,7 +29,14 @@ from rmt_fast.bench import PeakMemory, builtin_model
 
 
 def reference_loop(model, docs, dtype, keep_outputs, attn, device="cpu"):
-    """The reference's inference: one HF call per segment, memory from hidden_states[-1]."""
+    """The reference's inference as a timed baseline: one batched HF call per segment, memory from
+    hidden_states[-1], every segment's outputs kept when ``keep_outputs`` (what costs the reference its
+    memory). Full segments of equal-length documents only.
+
+    This is a benchmark baseline, not a test oracle: it measures the reference's way (batched, eager or
+    SDPA attention, in ``dtype``, outputs kept). The answer tests check against is ``tests/oracle.py``,
+    and ``tests/test_oracle.py`` checks that this loop gives the oracle's logits.
+    """
     cfg = model.config
     backbone = copy.deepcopy(model.model).to(device=device, dtype=dtype)
     backbone.set_attn_implementation(attn)

@@ -29,7 +29,10 @@ class RMTConfig:
     pad_token_id: int = 0
     num_labels: int = 2
     label_names: Optional[tuple] = None
-    bptt_depth: int = -1  # -1: backpropagate through every segment; k > 0: through the last k.
+    # Gradient through the memory (the official RMT flag: "max number of previous segments in gradient
+    # computation"): depth k >= 0 backpropagates through the current segment and the k before it
+    # (k + 1 segments; 0: the current one only); -1 through every segment and the initial memory.
+    bptt_depth: int = -1
     sum_loss: bool = False  # reference: loss of the last segment only, or the mean over segments.
 
     def __post_init__(self):
@@ -56,8 +59,9 @@ class RMTConfig:
             object.__setattr__(self, "label_names", tuple(str(n) for n in self.label_names))
             if len(self.label_names) != self.num_labels:
                 fail(f"{len(self.label_names)} label_names for num_labels={self.num_labels}")
-        if not isinstance(self.bptt_depth, int) or (self.bptt_depth < 1 and self.bptt_depth != -1):
-            fail(f"bptt_depth must be -1 (full) or a positive int, got {self.bptt_depth!r}")
+        if not isinstance(self.bptt_depth, int) or isinstance(self.bptt_depth, bool) or self.bptt_depth < -1:
+            fail(f"bptt_depth must be -1 (every segment) or an int >= 0 (previous segments), "
+                 f"got {self.bptt_depth!r}")
 
     @property
     def segment_size(self) -> int:

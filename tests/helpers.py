@@ -36,14 +36,22 @@ def random_docs(lengths, vocab_size, low=103):
 
 
 @torch.no_grad()
-def oracle(model, doc, dtype=torch.float32, **kw):
-    """The oracle's logits for one document, on a copy of the model's backbone in ``dtype``."""
+def oracle(model, doc, dtype=torch.float32, alignment="right", **kw):
+    """The oracle's logits for one document, on a copy of the model's backbone in ``dtype``.
+
+    ``alignment`` is the test's own statement (the reference's default is right), never read from the
+    model's config: a test of another alignment passes it. A model configured otherwise is refused, so
+    a wrong default alignment in RMTConfig fails every oracle test instead of changing both sides.
+    """
     cfg = model.config
+    if cfg.segment_alignment != alignment:
+        raise AssertionError(f"the model is configured with segment_alignment={cfg.segment_alignment!r} but the "
+                             f"test states {alignment!r}: pass oracle(..., alignment=...)")
     backbone = model.model if dtype == torch.float32 else _copy_as(model.model, dtype)
     return oracle_logits(backbone, doc, vocab_size=cfg.vocab_size, num_mem_tokens=cfg.num_mem_tokens,
                          input_size=cfg.input_size, cls_id=cfg.cls_token_id, sep_id=cfg.sep_token_id,
-                         pad_id=cfg.pad_token_id, alignment=cfg.segment_alignment,
-                         max_n_segments=cfg.max_n_segments, **kw).double()
+                         pad_id=cfg.pad_token_id, alignment=alignment, max_n_segments=cfg.max_n_segments,
+                         **kw).double()
 
 
 def _copy_as(module, dtype):

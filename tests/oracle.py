@@ -2,6 +2,7 @@
 
 It shares no code with rmt_fast: plain Python lists for segmentation, the Hugging Face backbone
 called once per segment per document (batch 1), the obvious way. Run it in float32 or float64.
+Every test and benchmark that needs "the answer" takes it from here: this is the one slow segment loop.
 """
 import math
 
@@ -25,8 +26,15 @@ def segments_of(ids, S, max_n_segments, alignment, specials):
 
 
 def oracle_logits(backbone, ids, *, vocab_size, num_mem_tokens, input_size, cls_id, sep_id, pad_id,
-                  alignment="right", max_n_segments=None, empty_as_special=False):
-    """Logits [num_labels] of one document. backbone: a HF *ForSequenceClassification (vocab V+M)."""
+                  alignment="right", max_n_segments=None, empty_as_special=False, bptt_depth=-1,
+                  return_memory=False):
+    """Logits [num_labels] of one document. backbone: a HF *ForSequenceClassification (vocab V+M).
+
+    Differentiable when called with grad enabled. bptt_depth (the official RMT flag, "max number of
+    previous segments in gradient computation"): the gradient of the last segment's output reaches
+    the last segment and the ``bptt_depth`` segments before it; -1 reaches every segment and the
+    initial memory. return_memory: also return the memory [M, H] after the last segment.
+    """
     M, T = num_mem_tokens, input_size
     S = T - M - 3
     segs = segments_of(ids, S, max_n_segments, alignment, {cls_id, sep_id, pad_id})
@@ -38,7 +46,11 @@ def oracle_logits(backbone, ids, *, vocab_size, num_mem_tokens, input_size, cls_
     mem_ids = torch.tensor([vocab_size + i for i in range(M)])
     memory = word(mem_ids)                                                  # [M, H]
     logits = None
-    for seg in segs:
+    # Segments first_with_gradient.. get gradient; the initial memory counts as segment -1.
+    first_with_gradient = -1 if bptt_depth == -1 else len(segs) - 1 - bptt_depth
+    for i, seg in enumerate(segs):
+        if i - 1 < first_with_gradient:   # the memory comes from outside the window
+            memory = memory.detach()
         row = [cls_id] + mem_ids.tolist() + [sep_id] + seg + [sep_id]
         row = row + [pad_id] * (T - len(row))
         input_ids = torch.tensor([row])
@@ -48,4 +60,4 @@ def oracle_logits(backbone, ids, *, vocab_size, num_mem_tokens, input_size, cls_
         out = backbone(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
         memory = out.hidden_states[-1][0, 1:M + 1]
         logits = out.logits[0]
-    return logits
+    return (logits, memory) if return_memory else logits

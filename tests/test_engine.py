@@ -22,7 +22,7 @@ def test_engine_matches_oracle_at_segment_boundaries(bert2, alignment):
     model = copy.copy(bert2)  # shares the weights; only the alignment differs
     model.config = bert2.config.replace(segment_alignment=alignment)
     docs = random_docs(BOUNDARY_LENGTHS, bert2.config.vocab_size)
-    want = torch.stack([oracle(model, d) for d in docs])
+    want = torch.stack([oracle(model, d, alignment=alignment) for d in docs])
     got = Engine(model).classify(docs, batch_size=4)           # one batch mixing every length
     assert got.dtype == torch.float32 and got.shape == want.shape
     assert (got.double() - want).abs().max() <= 1e-4

@@ -246,7 +246,7 @@ def test_classify_texts_matches_oracle(text_model, tokenizer, novel, alignment):
     texts = _texts(novel, 9, seed=3, max_chars=1500)
     texts[0] = "x"
     got = Engine(model).classify_texts(texts, tokenizer, batch_size=3, chunk_chars=300)
-    want = torch.stack([oracle(model, tokenize_long(t, tokenizer)) for t in texts])
+    want = torch.stack([oracle(model, tokenize_long(t, tokenizer), alignment=alignment) for t in texts])
     assert got.dtype == torch.float32 and (got.double() - want).abs().max() <= 1e-4
     assert want.std(0).max() > 1e-2
 

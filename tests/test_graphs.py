@@ -38,7 +38,7 @@ def test_static_loop_matches_compact_loop_and_oracle(alignment, memory_ops):
     model = tiny_model()
     model.config = model.config.replace(segment_alignment=alignment)
     docs = random_docs(LENGTHS, 60, low=3)
-    want = torch.stack([oracle(model, d) for d in docs])
+    want = torch.stack([oracle(model, d, alignment=alignment) for d in docs])
     for batch_size in (1, 3, 16):
         compact = Engine(model).classify(docs, batch_size=batch_size)
         static = _static(Engine(model)).classify(docs, batch_size=batch_size)
