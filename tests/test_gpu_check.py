@@ -1,0 +1,196 @@
+"""The GPU check's plumbing, on the CPU: the dry run end to end, and the runner with planted failures.
+
+The check is only worth its GPU loan if it finishes inside the budget with every result returned, so
+these run in CI: step order and budget, at most 8 files with nothing nested, results.json and summary.txt
+readable after every step, a failing or hanging step recorded while the later ones still run, pytest
+shards counted from their junit XML, and the install's fallback tree importable from the repository root.
+"""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_check  # noqa: E402
+import gpu_steps  # noqa: E402
+import gpu_targets  # noqa: E402
+from gpu_check import Step  # noqa: E402
+
+MAX_FILES = 8          # what the device tool returns
+
+
+def _steps_in_order():
+    return [s.name for s in gpu_check.STEPS]
+
+
+def test_steps_in_priority_order_and_timeouts_inside_the_budget():
+    letters = [s.letter for s in gpu_check.STEPS]
+    assert letters == sorted(letters) and set(letters) == set("abcdef"), letters
+    assert _steps_in_order()[:2] == ["env", "install"]
+    assert len(set(_steps_in_order())) == len(gpu_check.STEPS)
+    total = sum(s.timeout_s for s in gpu_check.STEPS)
+    assert total + gpu_check.FINISH_RESERVE_S <= gpu_check.BUDGET_S <= 7 * 60, (total, gpu_check.BUDGET_S)
+
+
+def test_dry_run_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("OUT", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(gpu_check.OUT_FILES) and len(files) <= MAX_FILES, files
+    assert all(p.is_file() for p in out.iterdir()), "only plain files come back"
+
+    results = json.loads((out / "results.json").read_text())
+    steps = results["steps"]
+    assert [s["name"] for s in steps] == _steps_in_order()
+    assert results["meta"]["dry_run"] and results["meta"]["timeouts_sum_s"] < results["meta"]["budget_s"]
+    by = {s["name"]: s for s in steps}
+    for name in ("env", "install", "bench", "long_run"):          # what runs on a CPU does run
+        assert by[name]["status"] == "ok", by[name]
+    for name in ("ext_ops", "triton", "engine", "driver", "vram", "attention_bench"):
+        assert by[name]["status"] == "skipped" and "GPU" in by[name]["note"], by[name]
+    bench = by["bench"]["data"]["rows"]
+    assert {r["case"] for r in bench} == {"reference", "baseline", "engine_eager"}
+    assert all(r["ms_per_segment"] > 0 for r in bench)
+    assert gpu_steps.backends_in(bench[-1]["attention"]), bench[-1]
+    assert by["install"]["data"]["env"]["PYTHONSAFEPATH"] == "1"
+
+    summary = (out / "summary.txt").read_text()
+    assert proc.stdout.rstrip().endswith(summary.rstrip()), "the summary is printed last"
+    for name in _steps_in_order():
+        assert name in summary
+    with tarfile.open(out / "logs.tgz") as tar:
+        logs = sorted(m.name for m in tar.getmembers())
+    assert logs == sorted(f"logs/{n}.log" for n in _steps_in_order())
+
+
+def _python_step(name, code, timeout_s=20, letter="a"):
+    return Step(name, letter, name, timeout_s, lambda ctx: [[sys.executable, "-c", textwrap.dedent(code)]])
+
+
+def test_failures_and_timeouts_are_recorded_and_later_steps_run(tmp_path):
+    out = tmp_path / "out"
+    steps = [
+        _python_step("fails", "print('partial output'); raise SystemExit(3)"),
+        # A hang: a child process that outlives its parent unless the whole group is killed.
+        _python_step("hangs", """
+            import subprocess, sys, time
+            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+            print('before the hang'); time.sleep(120)""", timeout_s=3),
+        # Runs after both, and sees their records already written.
+        _python_step("reads_results", f"""
+            import json, os
+            steps = json.load(open({str(out / 'results.json')!r}))["steps"]
+            assert [s['status'] for s in steps] == ['FAIL', 'TIMEOUT'], steps
+            json.dump({{'summary': 'saw both'}}, open(os.environ['GPU_CHECK_JSON'], 'w'))"""),
+        Step("no_command", "b", "x", 5, lambda ctx: "needs a GPU"),
+        Step("broken", "b", "x", 5, lambda ctx: 1 / 0),
+    ]
+    t0 = time.monotonic()
+    results = gpu_check.run(steps, out, dry_run=True, budget_s=60, python=sys.executable)
+    assert time.monotonic() - t0 < 30, "the hanging step was not cut at its timeout"
+    status = {s["name"]: s for s in results["steps"]}
+    assert status["fails"]["status"] == "FAIL" and status["fails"]["returncodes"] == [3]
+    assert status["hangs"]["status"] == "TIMEOUT"
+    assert status["reads_results"]["status"] == "ok" and status["reads_results"]["note"] == "saw both"
+    assert status["no_command"]["status"] == "skipped" and status["no_command"]["note"] == "needs a GPU"
+    assert status["broken"]["status"] == "FAIL" and "ZeroDivisionError" in status["broken"]["note"]
+    with tarfile.open(out / "logs.tgz") as tar:
+        hang_log = tar.extractfile("logs/hangs.log").read().decode()
+        fail_log = tar.extractfile("logs/fails.log").read().decode()
+    assert "before the hang" in hang_log, "output of a killed step was buffered and lost"
+    assert "partial output" in fail_log
+    assert json.loads((out / "results.json").read_text())["steps"][-1]["name"] == "broken"
+
+
+def test_budget_caps_each_step(tmp_path):
+    steps = [_python_step("sleeps", "import time; time.sleep(30)", timeout_s=30),
+             _python_step("too_late", "print('ran')", timeout_s=30)]
+    results = gpu_check.run(steps, tmp_path / "out", dry_run=True, budget_s=gpu_check.FINISH_RESERVE_S + 4,
+                            python=sys.executable)
+    first, second = results["steps"]
+    assert first["status"] == "TIMEOUT" and first["seconds"] < 10
+    assert second["status"] == "NO TIME"
+
+
+def test_pytest_shards_are_counted_from_junit(tmp_path):
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "test_sample.py").write_text(textwrap.dedent("""
+        import pytest
+        @pytest.mark.parametrize("i", range(4))
+        def test_ok(i, record_property):
+            record_property("value", i * 0.5)
+        def test_fails():
+            assert 1 == 2, "planted"
+        def test_skips():
+            pytest.skip("no GPU")
+    """))
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "pytest_shard",
+            "-c", str(tmp_path / "pytest.ini"), "--rootdir", str(tmp_path), str(tmp_path / "test_sample.py")]
+    step = Step("shards", "c", "x", 60, lambda ctx: [base + [f"--shard={i}/3"] for i in range(3)], pytest=True)
+    results = gpu_check.run([step], tmp_path / "out", dry_run=True, budget_s=90, python=sys.executable)
+    rec = results["steps"][0]
+    data = rec["data"]
+    assert (data["passed"], data["failed"], data["skipped"]) == (4, 1, 1), data
+    assert rec["status"] == "FAIL" and "test_fails" in rec["note"]
+    values = sorted(p["value"] for p in data["properties"].values())
+    assert values == [0, 0.5, 1.0, 1.5]
+
+
+def test_fallback_tree_imports_from_the_repository_root(tmp_path):
+    """Item 9: the repository's own rmt_fast/ (no kernels/ inside) must not shadow the symlinked tree."""
+    root = gpu_steps.shadow_tree(tmp_path / "shadow")
+    found = gpu_steps.probe_import(gpu_steps.fallback_env(root))
+    assert found.get("rmt_fast", "").startswith(str(root)), found
+    assert Path(found["kernels"]).resolve() == (ROOT / "kernels" / "attention.py").resolve(), found
+
+
+def _results(rows=(), attention=(), vram=None, long_run=None):
+    steps = [{"name": "bench", "data": {"rows": list(rows)}},
+             {"name": "attention_bench", "data": {"rows": list(attention)}},
+             {"name": "vram", "data": {"properties": vram or {}}},
+             {"name": "long_run", "data": long_run or {}}]
+    return {"meta": {"dry_run": False}, "steps": steps}
+
+
+def test_targets_read_met_not_met_or_not_measured():
+    rows = [{"case": "engine_graphs", "batch": 1, "ms_per_segment": 0.4, "floor_ms": 0.1},
+            {"case": "reference", "batch": 1, "ms_per_segment": 3.0, "floor_ms": 0.1},
+            {"case": "engine_graphs", "batch": 32, "ms_per_segment": 0.3, "floor_ms": 0.1}]
+    text = "\n".join(gpu_targets.lines(_results(rows)))
+    assert "MET     Engine with graphs, B=1: 0.400" in text
+    assert "NOT MET 7.5x the reference's way" in text
+    assert "NOT MET B=32: 33% of this run's bf16 GEMM rate" in text
+    assert "NOT MEASURED Triton attention" in text and "NOT MEASURED flat VRAM" in text
+
+    attention = [{"T": 512, "batch": 32, "mode": "full", "provider": "triton", "ms": 0.2},
+                 {"T": 512, "batch": 32, "mode": "full", "provider": "sdpa_flash", "ms": 0.25}]
+    vram = {"t::test_vram[graphs-1]": {"growth_allocated": 0, "growth_reserved": 2**21, "growth_device": 0}}
+    long_run = {"segments": 4096, "seconds": 2.0,
+                "peak_absolute_mib": {"allocated": 600.0, "reserved": 700.0, "device": 1500.0}}
+    text = "\n".join(gpu_targets.lines(_results(rows, attention, vram, long_run)))
+    assert "MET     Triton attention B=32" in text
+    assert "NOT MET flat VRAM 16 -> 4096 segments: worst growth +2.000 MiB" in text
+    assert "MET     peak at B=1" in text
+    assert gpu_targets.lines({"meta": {"dry_run": True}, "steps": []})[0].startswith("targets: not judged")
+
+
+@pytest.mark.parametrize("spec", ["3/3", "0/0"])
+def test_shard_plugin_rejects_bad_specs(tmp_path, spec):
+    (tmp_path / "test_one.py").write_text("def test_one():\n    pass\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "pytest_shard",
+                           "--rootdir", str(tmp_path), str(tmp_path / "test_one.py"), f"--shard={spec}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "benchmarks")})
+    assert proc.returncode != 0
