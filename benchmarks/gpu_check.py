@@ -234,6 +234,8 @@ def run_step(step: Step, ctx: Context, left_s: float) -> dict:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH), ctx.env.get("PYTHONPATH")]))}
     if not ctx.dry_run:
         env.pop("TRITON_INTERPRET", None)    # the compiled kernels: what ships
+    if len(cmds) > 1:                        # shards share the cores rather than each taking all of them
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // len(cmds)))
     parts = [ctx.scratch / "logs" / f"{step.name}.{i}.part" for i in range(len(cmds))]
     print(f"\n======== ({step.letter}) {step.name}: {step.title} (timeout {limit:.0f} s) ========", flush=True)
     t0 = time.monotonic()

@@ -194,3 +194,13 @@ def test_shard_plugin_rejects_bad_specs(tmp_path, spec):
                           cwd=tmp_path, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT / "benchmarks")})
     assert proc.returncode != 0
+
+
+def test_gpu_tests_use_a_head_dim_the_triton_kernel_takes():
+    """Item 3: with head_dim 8 or 16, `auto` quietly picks SDPA and Triton never runs inside the Engine."""
+    import test_graphs
+    from helpers import bert_base_cased_config
+    from rmt_fast.kernels.attention import SUPPORTED_HEAD_DIMS
+
+    for config in (test_graphs._gpu_model().model.config, bert_base_cased_config(num_layers=2)):
+        assert config.hidden_size // config.num_attention_heads in SUPPORTED_HEAD_DIMS, config
