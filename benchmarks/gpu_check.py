@@ -258,8 +258,8 @@ def run_step(step: Step, ctx: Context, left_s: float) -> dict:
         rec["status"] = "TIMEOUT"
     elif data.get("skipped_reason"):
         rec["status"] = "skipped"
-    elif step.pytest and codes and all(c == 5 for c in codes):
-        rec["status"] = "FAIL"                  # pytest 5: nothing collected, i.e. nothing checked
+    elif step.pytest and not data["passed"]:
+        rec["status"] = "FAIL"                  # all skipped or nothing collected: nothing was checked
     else:
         rec["status"] = "FAIL" if bad else "ok"
     rec["returncodes"] = codes
@@ -296,6 +296,9 @@ def summary_text(results: dict) -> str:
     for r in results["steps"]:
         lines.append(f"({r['letter']}) {r['name']:<18} {r['status']:<8} {r['seconds']:>6.1f} {r['timeout_s']:>5}  "
                      f"{r['note']}")
+        for test, props in r["data"].get("properties", {}).items():   # what each GPU test measured
+            shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in props.items())
+            lines.append(f"      {test.split('::')[-1]}: {shown}"[:220])
     lines.append("")
     lines += gpu_targets.lines(results)
     return "\n".join(lines) + "\n"
@@ -324,6 +327,7 @@ def run(steps: List[Step], out: Path, dry_run: bool, budget_s: float, python: st
         (ctx.scratch / "logs").mkdir()
         print(f"gpu_check: {len(steps)} steps, budget {budget_s:.0f} s, results in {out}"
               f"{' (DRY RUN)' if dry_run else ''}", flush=True)
+        write_outputs(out, results, ctx.scratch)
         for step in steps:
             rec = run_step(step, ctx, budget_s - (time.monotonic() - t0))
             ctx.env.update(rec["data"].get("env") or {})   # e.g. the install's fallback PYTHONPATH

@@ -79,14 +79,25 @@ def _python_step(name, code, timeout_s=20, letter="a"):
     return Step(name, letter, name, timeout_s, lambda ctx: [[sys.executable, "-c", textwrap.dedent(code)]])
 
 
-def test_failures_and_timeouts_are_recorded_and_later_steps_run(tmp_path):
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped (by whatever adopted it)."""
+    time.sleep(0.5)
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_failures_and_timeouts_are_recorded_and_later_steps_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)     # the driver must set it for its steps
     out = tmp_path / "out"
     steps = [
         _python_step("fails", "print('partial output'); raise SystemExit(3)"),
         # A hang: a child process that outlives its parent unless the whole group is killed.
-        _python_step("hangs", """
+        _python_step("hangs", f"""
             import subprocess, sys, time
-            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+            open({str(tmp_path / 'child.pid')!r}, 'w').write(str(child.pid))
             print('before the hang'); time.sleep(120)""", timeout_s=3),
         # Runs after both, and sees their records already written.
         _python_step("reads_results", f"""
@@ -103,14 +114,17 @@ def test_failures_and_timeouts_are_recorded_and_later_steps_run(tmp_path):
     status = {s["name"]: s for s in results["steps"]}
     assert status["fails"]["status"] == "FAIL" and status["fails"]["returncodes"] == [3]
     assert status["hangs"]["status"] == "TIMEOUT"
+    child = int((tmp_path / "child.pid").read_text())
+    assert not _running(child), "the step's child outlived it: kill the process group, not just the step"
     assert status["reads_results"]["status"] == "ok" and status["reads_results"]["note"] == "saw both"
     assert status["no_command"]["status"] == "skipped" and status["no_command"]["note"] == "needs a GPU"
     assert status["broken"]["status"] == "FAIL" and "ZeroDivisionError" in status["broken"]["note"]
     with tarfile.open(out / "logs.tgz") as tar:
         hang_log = tar.extractfile("logs/hangs.log").read().decode()
         fail_log = tar.extractfile("logs/fails.log").read().decode()
-    assert "before the hang" in hang_log, "output of a killed step was buffered and lost"
-    assert "partial output" in fail_log
+    # (the log's first line is the command, which holds these words too: look for output lines)
+    assert "before the hang" in hang_log.splitlines(), "output of a killed step was buffered and lost"
+    assert "partial output" in fail_log.splitlines()
     assert json.loads((out / "results.json").read_text())["steps"][-1]["name"] == "broken"
 
 
@@ -139,8 +153,11 @@ def test_pytest_shards_are_counted_from_junit(tmp_path):
     base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "pytest_shard",
             "-c", str(tmp_path / "pytest.ini"), "--rootdir", str(tmp_path), str(tmp_path / "test_sample.py")]
     step = Step("shards", "c", "x", 60, lambda ctx: [base + [f"--shard={i}/3"] for i in range(3)], pytest=True)
-    results = gpu_check.run([step], tmp_path / "out", dry_run=True, budget_s=90, python=sys.executable)
-    rec = results["steps"][0]
+    all_skipped = Step("all_skipped", "c", "x", 60, lambda ctx: [base + ["-k", "skips"]], pytest=True)
+    results = gpu_check.run([step, all_skipped], tmp_path / "out", dry_run=True, budget_s=90,
+                            python=sys.executable)
+    rec, skipped = results["steps"]
+    assert skipped["status"] == "FAIL" and skipped["note"].startswith("0 passed"), skipped  # nothing checked
     data = rec["data"]
     assert (data["passed"], data["failed"], data["skipped"]) == (4, 1, 1), data
     assert rec["status"] == "FAIL" and "test_fails" in rec["note"]
