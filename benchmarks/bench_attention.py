@@ -266,7 +266,9 @@ def main(argv=None):
     for line in summary:
         print(line)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows, "targets": summary}, indent=1))
+    tmp = args.out.with_name(args.out.name + ".tmp")   # atomic: a reader never sees half a file
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows, "targets": summary}, indent=1))
+    os.replace(tmp, args.out)
     print(f"\nsaved {args.out}")
     return 0
 
