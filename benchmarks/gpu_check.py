@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, List, Optional, Union
 
@@ -98,7 +98,7 @@ def _attention_bench(ctx: Context) -> Commands:
 
 
 STEPS: List[Step] = [
-    Step("env", "a", "versions, GPU, tf32 switches", 8, _body("env")),
+    Step("env", "a", "versions, GPU, tf32 switches", 12, _body("env")),
     Step("install", "a", "pip install -e . with the CUDA extension (fallbacks say why)", 110, _body("install")),
     Step("ext_ops", "b", "rmt_fast._C's CUDA ops against their torch twins", 20,
          _pytest(["tests/test_extension.py"], k="not compile", shards=2), pytest=True),
@@ -106,16 +106,16 @@ STEPS: List[Step] = [
          _pytest(["tests/test_triton_attention.py"], shards=SHARDS), pytest=True),
     Step("engine", "d", "the Engine on CUDA against the CPU float32 oracle; bf16 Triton+graphs", 45,
          _pytest(["tests/test_gpu_engine.py"], k="not vram", shards=4), pytest=True),
-    Step("driver", "d", "graph replay, capture, feeder on CUDA (test_graphs, test_feeder)", 30,
+    Step("driver", "d", "graph replay, capture, feeder on CUDA (test_graphs, test_feeder)", 28,
          _pytest(["tests/test_graphs.py", "tests/test_feeder.py"], shards=min(8, SHARDS)), pytest=True),
     Step("vram", "e", "flat VRAM 16 -> 4096 segments, B=1/8, graphs on/off, three measures", 40,
          _pytest(["tests/test_gpu_engine.py"], k="vram"), pytest=True),
-    Step("bench", "f", "ms/segment at B=1/8/32: reference, tuned baseline, Engine eager/graphs", 48,
+    Step("bench", "f", "ms/segment at B=1/8/32: reference, tuned baseline, Engine eager/graphs", 46,
          _body("bench")),
     Step("attention_bench", "f", "Triton attention against SDPA flash at the Engine's shapes", 22,
          _attention_bench),
-    Step("long_run", "f", "4,096 segments (2,043,904 tokens) at B=1: time and peak VRAM", 22, _body("long_run")),
-    Step("plan_vs_measured", "f", "rmt-fast plan's predictions next to the measured rows (issue 21)", 8,
+    Step("long_run", "f", "4,096 segments (2,043,904 tokens) at B=1: time and peak VRAM", 20, _body("long_run")),
+    Step("plan_vs_measured", "f", "rmt-fast plan's predictions next to the measured rows (issue 21)", 10,
          _body("plan_vs_measured")),
 ]
 
@@ -316,11 +316,15 @@ def write_outputs(out: Path, results: dict, scratch: Path) -> None:
     _atomic_write(out / "logs.tgz", buf.getvalue())
 
 
-def run(steps: List[Step], out: Path, dry_run: bool, budget_s: float, python: str) -> dict:
+def run(steps: List[Step], out: Path, dry_run: bool, budget_s: float, python: str, scale: float = 1.0) -> dict:
+    """Run ``steps`` in order within ``budget_s`` (each timeout, and the budget, times ``scale``)."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
+    if scale != 1.0:
+        steps = [replace(s, timeout_s=round(s.timeout_s * scale)) for s in steps]
+        budget_s *= scale
     results = {"meta": {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "dry_run": dry_run,
-                        "budget_s": budget_s, "elapsed_s": 0.0, "python": python,
+                        "budget_s": budget_s, "timeout_scale": scale, "elapsed_s": 0.0, "python": python,
                         "timeouts_sum_s": sum(s.timeout_s for s in steps)},
                "steps": []}
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
@@ -349,9 +353,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or BENCH / "results" / "gpu_check"))
     p.add_argument("--budget", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET_S", BUDGET_S)))
     p.add_argument("--only", default="", help="comma-separated step names to run (default: all)")
+    p.add_argument("--timeout-scale", type=float, default=None,
+                   help="multiply every timeout and the budget (default 1; 3 in a dry run: a shared CPU is slow)")
     args = p.parse_args(argv)
     steps = [s for s in STEPS if not args.only or s.name in args.only.split(",")]
-    results = run(steps, args.out, args.dry_run, args.budget, os.environ.get("PYTHON") or sys.executable)
+    scale = args.timeout_scale if args.timeout_scale is not None else (3.0 if args.dry_run else 1.0)
+    results = run(steps, args.out, args.dry_run, args.budget, os.environ.get("PYTHON") or sys.executable, scale)
     failed = [r for r in results["steps"] if r["status"] not in ("ok", "skipped")]
     return 1 if failed else 0
 
