@@ -78,7 +78,8 @@ def _body(name: str, *args: str) -> Callable[[Context], Commands]:
     return commands
 
 
-def _pytest(files: List[str], *, k: Optional[str] = None, shards: int = 1) -> Callable[[Context], Commands]:
+def _pytest(files: List[str], *, k: Optional[str] = None, shards: int = 1,
+            cuda_only: bool = False) -> Callable[[Context], Commands]:
     """pytest on the GPU, natively (no Triton interpreter), in ``shards`` processes side by side."""
     def commands(ctx: Context) -> Commands:
         if ctx.dry_run:
@@ -86,6 +87,8 @@ def _pytest(files: List[str], *, k: Optional[str] = None, shards: int = 1) -> Ca
         base = [ctx.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "pytest_shard", *files]
         if k:
             base += ["-k", k]
+        if cuda_only:
+            base.append("--cuda-only")
         return [base + [f"--shard={i}/{shards}"] for i in range(shards)] if shards > 1 else [base]
     return commands
 
@@ -101,13 +104,13 @@ STEPS: List[Step] = [
     Step("env", "a", "versions, GPU, tf32 switches", 12, _body("env")),
     Step("install", "a", "pip install -e . with the CUDA extension (fallbacks say why)", 110, _body("install")),
     Step("ext_ops", "b", "rmt_fast._C's CUDA ops against their torch twins", 20,
-         _pytest(["tests/test_extension.py"], k="not compile", shards=2), pytest=True),
+         _pytest(["tests/test_extension.py"], k="cuda and not compile", shards=4), pytest=True),
     Step("triton", "c", "the Triton kernel natively: every dtype, padded/full, query subsets", 52,
          _pytest(["tests/test_triton_attention.py"], shards=SHARDS), pytest=True),
     Step("engine", "d", "the Engine on CUDA against the CPU float32 oracle; bf16 Triton+graphs", 45,
          _pytest(["tests/test_gpu_engine.py"], k="not vram", shards=4), pytest=True),
     Step("driver", "d", "graph replay, capture, feeder on CUDA (test_graphs, test_feeder)", 28,
-         _pytest(["tests/test_graphs.py", "tests/test_feeder.py"], shards=min(8, SHARDS)), pytest=True),
+         _pytest(["tests/test_graphs.py", "tests/test_feeder.py"], shards=4, cuda_only=True), pytest=True),
     Step("vram", "e", "flat VRAM 16 -> 4096 segments, B=1/8, graphs on/off, three measures", 40,
          _pytest(["tests/test_gpu_engine.py"], k="vram"), pytest=True),
     Step("bench", "f", "ms/segment at B=1/8/32: reference, tuned baseline, Engine eager/graphs", 46,

@@ -203,6 +203,31 @@ def test_targets_read_met_not_met_or_not_measured():
     assert gpu_targets.lines({"meta": {"dry_run": True}, "steps": []})[0].startswith("targets: not judged")
 
 
+def test_cuda_only_keeps_the_gpu_tests(tmp_path):
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "test_mixed.py").write_text(textwrap.dedent("""
+        import pytest
+        requires_cuda = pytest.mark.skipif(False, reason="needs a CUDA GPU")
+        @requires_cuda
+        def test_marked():
+            pass
+        def test_streams_on_cuda():
+            pass
+        def test_cpu_only():
+            pass
+        @pytest.mark.skipif(False, reason="slow")
+        def test_other_skipif():
+            pass
+    """))
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "pytest_shard", "-rA",
+            "-c", str(tmp_path / "pytest.ini"), "--rootdir", str(tmp_path), str(tmp_path / "test_mixed.py"),
+            "--cuda-only"]
+    proc = subprocess.run(base, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "benchmarks")})
+    assert "2 passed, 2 deselected" in proc.stdout, proc.stdout
+    assert "test_marked" in proc.stdout and "test_streams_on_cuda" in proc.stdout
+
+
 @pytest.mark.parametrize("spec", ["3/3", "0/0"])
 def test_shard_plugin_rejects_bad_specs(tmp_path, spec):
     (tmp_path / "test_one.py").write_text("def test_one():\n    pass\n")
