@@ -246,3 +246,41 @@ def test_gpu_tests_use_a_head_dim_the_triton_kernel_takes():
 
     for config in (test_graphs._gpu_model().model.config, bert_base_cased_config(num_layers=2)):
         assert config.hidden_size // config.num_attention_heads in SUPPORTED_HEAD_DIMS, config
+
+
+class _FakeCudaMemory:
+    """torch.cuda's memory counters for one make-believe device, driven by the test."""
+    TOTAL = 100 * 2**30
+
+    def __init__(self):
+        self.allocated, self.reserved, self.used = 10 * 2**20, 20 * 2**20, 2**30
+        self.max_allocated, self.max_reserved = self.allocated, self.reserved
+
+    def install(self, monkeypatch):
+        import torch
+        fns = {"synchronize": lambda device=None: None, "reset_peak_memory_stats": self.reset,
+               "memory_allocated": lambda device=None: self.allocated,
+               "memory_reserved": lambda device=None: self.reserved,
+               "max_memory_allocated": lambda device=None: self.max_allocated,
+               "max_memory_reserved": lambda device=None: self.max_reserved,
+               "mem_get_info": lambda device=None: (self.TOTAL - self.used, self.TOTAL)}
+        for name, fn in fns.items():
+            monkeypatch.setattr(torch.cuda, name, fn)
+
+    def reset(self, device=None):
+        self.max_allocated, self.max_reserved = self.allocated, self.reserved
+
+
+def test_vram_probe_counts_the_graph_pool_and_device_spikes(monkeypatch):
+    """A replayed graph allocates nothing (max_memory_allocated stays flat) while its pool grows the
+    reserve, and a short device-wide spike is over before the block ends: the probe must see both."""
+    fake = _FakeCudaMemory()
+    fake.install(monkeypatch)
+    with gpu_steps.VramProbe("cuda", interval_s=0.001) as probe:
+        fake.reserved += 6 * 2**20                   # the graph pool's working memory
+        fake.max_reserved = fake.reserved
+        fake.used += 50 * 2**20                      # a spike (cuBLAS workspace, another allocator)...
+        time.sleep(0.2)
+        fake.used -= 50 * 2**20                      # ... gone again before the block ends
+    assert probe.peak == {"allocated": 0, "reserved": 6 * 2**20, "device": 50 * 2**20}, probe.peak
+    assert probe.absolute["reserved"] == 26 * 2**20 and probe.absolute["device"] == 2**30 + 50 * 2**20
