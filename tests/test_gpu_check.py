@@ -13,6 +13,7 @@ import tarfile
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -284,3 +285,22 @@ def test_vram_probe_counts_the_graph_pool_and_device_spikes(monkeypatch):
         fake.used -= 50 * 2**20                      # ... gone again before the block ends
     assert probe.peak == {"allocated": 0, "reserved": 6 * 2**20, "device": 50 * 2**20}, probe.peak
     assert probe.absolute["reserved"] == 26 * 2**20 and probe.absolute["device"] == 2**30 + 50 * 2**20
+
+
+def test_attention_used_reads_the_plan_report_or_falls_back():
+    """What the check records per run: the plan's own report where the Engine has one, else its choices."""
+    import torch
+    from helpers import tiny_model
+    from rmt_fast import Engine
+
+    engine = Engine(tiny_model(), attention="matmul")
+    engine.classify([torch.randint(3, 60, (n,)) for n in (5, 40)], batch_size=2)
+    used = gpu_steps.attention_used(engine)
+    assert set(used) == {"layers 1..L-1, padded", "last layer, padded", "layers 1..L-1, full",
+                         "last layer, full"}, used
+    assert gpu_steps.backends_in(used) == {"matmul"}
+    # The Engine's own report (a method, a dict or a string; the plan owns its exact form) wins.
+    for report, want in ((lambda: {"layer 0": "triton", "layer 1": "sdpa"}, {"triton", "sdpa"}),
+                         ({"layer 0": "cpp"}, {"cpp"}), ("every layer: sdpa (flash)", {"sdpa"})):
+        reporting = SimpleNamespace(plan=SimpleNamespace(attention_report=report, _chosen={}), config=engine.config)
+        assert gpu_steps.backends_in(gpu_steps.attention_used(reporting)) == want
