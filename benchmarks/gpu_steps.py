@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -184,18 +185,38 @@ def probe_import(env: dict) -> dict:
     return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
 
 
+def run_streamed(cmd: list, env: dict, timeout_s: float) -> tuple:
+    """(return code or "timeout", output lines); the output is echoed as it comes, and on a timeout the
+    whole process group goes (pip's compilers: ninja, nvcc), not just ``cmd``."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    lines: list = []
+
+    def echo():
+        for line in proc.stdout:
+            lines.append(line)
+            print(line, end="", flush=True)
+    reader = threading.Thread(target=echo, daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rc = "timeout"
+    reader.join(5)
+    return rc, lines
+
+
 def _pip_install(extra_env: dict, timeout_s: float) -> tuple:
+    """(return code or "timeout", seconds, error lines)."""
     cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-e", str(REPO)]
     print("$", " ".join(f"{k}={v}" for k, v in extra_env.items()), " ".join(cmd), flush=True)
     t0 = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **extra_env}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=timeout_s)
-        out, rc = proc.stdout, proc.returncode
-    except subprocess.TimeoutExpired as e:
-        out, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
-    print(out, flush=True)
-    errors = [ln.strip() for ln in out.splitlines() if re.search(r"\berror\b|Error:|RuntimeError", ln)]
+    rc, lines = run_streamed(cmd, {**os.environ, **extra_env}, timeout_s)
+    errors = [ln.strip() for ln in lines if re.search(r"\berror\b|Error:|RuntimeError", ln)]
+    if rc == "timeout":
+        errors.append(f"the build took more than {timeout_s:.0f} s")
     return rc, round(time.monotonic() - t0, 1), errors[:8]
 
 

@@ -304,3 +304,16 @@ def test_attention_used_reads_the_plan_report_or_falls_back():
                          ({"layer 0": "cpp"}, {"cpp"}), ("every layer: sdpa (flash)", {"sdpa"})):
         reporting = SimpleNamespace(plan=SimpleNamespace(attention_report=report, _chosen={}), config=engine.config)
         assert gpu_steps.backends_in(gpu_steps.attention_used(reporting)) == want
+
+
+def test_install_build_timeout_takes_the_compilers_with_it(tmp_path):
+    """A CUDA build cut at its limit must not leave nvcc/ninja running beside the fallback install."""
+    code = (f"import subprocess, sys, time\n"
+            f"c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+            f"open({str(tmp_path / 'pid')!r}, 'w').write(str(c.pid))\n"
+            f"print('compiling', flush=True); time.sleep(120)\n")
+    t0 = time.monotonic()
+    rc, lines = gpu_steps.run_streamed([sys.executable, "-c", code], dict(os.environ), timeout_s=3)
+    assert rc == "timeout" and time.monotonic() - t0 < 20
+    assert "compiling\n" in lines
+    assert not _running(int((tmp_path / "pid").read_text()))
