@@ -387,7 +387,7 @@ def main(argv=None) -> int:
     p.add_argument("step", choices=sorted(STEPS))
     p.add_argument("--dry-run", action="store_true", help="on the CPU, tiny sizes")
     p.add_argument("--arch", default="9.0", help="TORCH_CUDA_ARCH_LIST for the install (the H200: 9.0)")
-    p.add_argument("--build-timeout", type=float, default=80, help="seconds for the CUDA build before falling back")
+    p.add_argument("--build-timeout", type=float, default=75, help="seconds for the CUDA build before falling back")
     args = p.parse_args(argv)
     rec = Recorder()
     try:
