@@ -58,14 +58,14 @@ if triton is not None:
 
     # Sizes appear only in bounds and index math, so specialising on them (==1, %16) would only multiply
     # compilations; strides stay specialised, since their divisibility lets loads vectorise.
-    @triton.jit(do_not_specialize=["H", "Tq", "Tk"])
+    @triton.jit(do_not_specialize=["B", "H", "Tq", "Tk"])
     def _attn_fwd_kernel(
         Q, K, V, KL, Out,
         stride_qb, stride_qt, stride_qh,
         stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh,
         stride_ob, stride_ot,
-        H, Tq, Tk,
+        B, H, Tq, Tk,  # B only keys the autotuner: the grid's axis 1 carries batch * heads
         qk_scale,  # softmax scale * log2(e): the kernel works in base 2
         HEAD_DIM: tl.constexpr,
         HAS_KL: tl.constexpr,  # per-batch key lengths in KL (else all Tk keys are valid)
@@ -169,11 +169,13 @@ if triton is not None:
         return kept or configs[:1]
 
     # Keyed on (Tk, head_dim) as issue 3 asks, plus Tq: subset mode (Tq = M + 1) and full blocks want
-    # different BLOCK_M, and an engine sees only those two Tq per Tk. The autotuner adds the dtypes itself.
+    # different BLOCK_M, and an engine sees only those two Tq per Tk; plus the batch: at batch 1 a block
+    # of 512 rows is 4-8 programs per head and occupancy decides, at batch 32 it is not (the engine sees
+    # a few widths: its slot count and the powers of two below). The autotuner adds the dtypes itself.
     _attn_fwd_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                  for bm, bn, w, s in dict.fromkeys(_TUNE_LONG + _TUNE_SHORT)],
-        key=["Tq", "Tk", "HEAD_DIM"],
+        key=["B", "Tq", "Tk", "HEAD_DIM"],
         prune_configs_by={"early_config_prune": _prune_configs},
     )(triton.heuristics(_HEURISTICS)(_attn_fwd_kernel))
 else:
@@ -287,7 +289,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1),
-        h, tq, tk,
+        b, h, tq, tk,
         scale * _LOG2E,
     )
     consts = dict(HEAD_DIM=d, HAS_KL=has_kl, DOT_PRECISION="ieee" if q.dtype == torch.float32 else None)

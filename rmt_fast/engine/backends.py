@@ -17,7 +17,7 @@ explicitly requested backend that cannot run raises with its reason.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -102,10 +102,27 @@ _WHY_NOT: Dict[str, Callable] = {
 }
 
 
+def cuda_priority(dtype: torch.dtype, capability: Tuple[int, int]) -> tuple:
+    """``auto``'s order on a CUDA GPU of compute ``capability`` (major, minor).
+
+    float32 is the checking dtype, so exact first: SDPA's memory-efficient kernel computes float32 with
+    3xTF32 tensor-core products on sm_80+ (CUTLASS's OpMultiplyAddFastF32) and plain FFMA below, float32
+    accuracy either way and whatever ``allow_tf32`` says. The Triton kernel's float32 path (IEEE dots, no
+    tensor cores) spills heavily and compiles for seconds per variant (issue 21's report), and ``matmul``
+    materialises the scores (and follows ``allow_tf32``). Half types: the Triton kernel is built for the
+    tensor cores of sm_80 and newer; below that it spills (or, bf16, cannot run) and SDPA goes first.
+    """
+    if dtype == torch.float32:
+        return ("sdpa", "matmul", "triton")
+    if tuple(capability) >= (8, 0):
+        return ("triton", "sdpa", "matmul")
+    return ("sdpa", "matmul", "triton")
+
+
 def priority(device: torch.device, dtype: torch.dtype) -> tuple:
     """The order ``auto`` tries backends in, fastest first for this device and dtype (see docs/PERF.md)."""
     if device.type == "cuda":
-        return ("triton", "sdpa", "matmul")
+        return cuda_priority(dtype, torch.cuda.get_device_capability(device))
     # cpp (the fused op) beats SDPA on the CPU in float32 and bfloat16 at 1 and 2 threads
     # (docs/EXTENSION.md, "Fused CPU attention"); without the extension select() moves on to sdpa.
     # float16 runs float32 products with scalar conversions there (no AMX-FP16 here): slower.
