@@ -33,7 +33,8 @@ def tokenizer():
 
 
 def _calls(model, tokenizer):
-    """One list of calls per thread: mixed documents, lengths, batch sizes and entry points."""
+    """One list of calls per thread: each thread its own documents, the same mix of entry points and
+    batch sizes (so that calls of one shape run at the same time), the lengths of the documents mixed."""
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
 
@@ -41,14 +42,13 @@ def _calls(model, tokenizer):
         return [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(k),), generator=g))
                 for k in torch.randint(1, 150, (n,), generator=g)]
 
-    return [
-        [lambda e, d=random_docs([3, 140, 33, 70, 5], V): e.classify(d, batch_size=2),
-         lambda e, t=texts(4): e.classify_texts(t, tokenizer, batch_size=3, chunk_chars=64)],
-        [lambda e, d=random_docs([200, 1, 66, 34, 99, 12, 8], V): e.classify(d, batch_size=4),
-         lambda e, d=random_docs([120], V): e.classify(d, batch_size=1)],
-        [lambda e, t=texts(5): e.classify_texts(t, tokenizer, batch_size=2),
-         lambda e, d=random_docs([45, 77, 2, 150], V): e.classify(d, batch_size=3)],
-    ]
+    def lengths(n):
+        return [int(k) for k in torch.randint(1, 200, (n,), generator=g)]
+
+    return [[lambda e, d=random_docs(lengths(5), V): e.classify(d, batch_size=2),
+             lambda e, t=texts(4): e.classify_texts(t, tokenizer, batch_size=3, chunk_chars=64),
+             lambda e, d=random_docs(lengths(3), V): e.classify(d, batch_size=3)]
+            for _ in range(THREADS)]
 
 
 @pytest.mark.parametrize("loop", ["compact", "static"])
