@@ -44,17 +44,13 @@ class RMTEncoderForSequenceClassification(RMTForSequenceClassification):
         state = dict(state_dict.get("model_state_dict", state_dict))
         state.pop("model.bert.embeddings.position_ids", None)
         state.pop("model.embeddings.weight", None)  # the reference's alias of the word embeddings
-        self._engine = None
         return super().load_state_dict(state, strict=strict, assign=assign)
 
-    def train(self, mode: bool = True):
-        self._engine = None  # weights may change while training: rebuild the plan when eval comes back
-        return super().train(mode)
-
     def _fast(self) -> Engine:
-        if self._engine is None:
-            device = self.mem_token_ids.device
-            dtype = next(self.model.parameters()).dtype
+        # The Engine notices changed weights itself; it computes in one device and dtype: the model's.
+        device = self.mem_token_ids.device
+        dtype = next(self.model.parameters()).dtype
+        if self._engine is None or (self._engine.device, self._engine.dtype) != (device, dtype):
             self._engine = Engine(self, device=device, dtype=dtype)
         return self._engine
 

@@ -20,15 +20,12 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
 SAMPLES = 8                  # elements sampled per tensor
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _signature(t: torch.Tensor) -> tuple:
-    return t._version, t.data_ptr(), t.dtype, t.device
 
 
 def _sample_view(t: torch.Tensor) -> Optional[torch.Tensor]:
@@ -60,31 +57,37 @@ class SourceWatch:
                         tensors.setdefault(id(obj), (f"{prefix}.{key}" if prefix else key, obj))
         self._names = [name for name, _ in tensors.values()]
         self._tensors = [t for _, t in tensors.values()]
-        self._signatures = [_signature(t) for t in self._tensors]
-        # Sample views grouped by element size (torch.cat needs one dtype): one cat and one compare each.
-        groups: Dict[torch.dtype, List[Tuple[torch.Tensor, int]]] = {}
+        self._signatures = [(t._version, t.data_ptr(), t.dtype, t.device) for t in self._tensors]
+        # Sample views grouped by dtype and device: one concatenation and one compare per group. On the
+        # CPU the views are numpy arrays over the same memory: numpy concatenates 200 small arrays in
+        # ~40 us, torch.cat in ~400 us.
+        groups: Dict[tuple, List[Tuple[torch.Tensor, int]]] = {}
         for i, t in enumerate(self._tensors):
             view = _sample_view(t)
             if view is not None:
                 groups.setdefault((view.dtype, view.device), []).append((view, i))
-        self._samples = [([v for v, _ in g], [i for _, i in g], torch.cat([v for v, _ in g]))
-                         for g in groups.values()]
+        self._samples = []
+        for (_, device), group in groups.items():
+            views = [v.numpy() if device.type == "cpu" else v for v, _ in group]
+            concat = np.concatenate if device.type == "cpu" else torch.cat
+            self._samples.append((concat, views, [i for _, i in group], concat(views)))
 
     def changed(self) -> Optional[str]:
         """None if nothing changed since this watch was made, else what changed (for logs)."""
         for owner, key, obj in self._places:
             if owner.get(key) is not obj:
                 return f"{key!r} was replaced"
-        for name, t, sig in zip(self._names, self._tensors, self._signatures):
-            if _signature(t) != sig:
-                return self._describe(name, sig, _signature(t))
-        for views, index, before in self._samples:
-            now = torch.cat(views)
-            if not torch.equal(now, before):
-                at = int((now != before).nonzero()[0])
+        now = [(t._version, t.data_ptr(), t.dtype, t.device) for t in self._tensors]
+        if now != self._signatures:
+            name, before, after = next(c for c in zip(self._names, self._signatures, now) if c[1] != c[2])
+            return self._describe(name, before, after)
+        for concat, views, index, before in self._samples:
+            now = concat(views)
+            if not bool((now == before).all()):
+                at = int((now != before).nonzero()[0][0])
                 k = 0
                 for v, i in zip(views, index):          # the tensor the first changed sample came from
-                    k += v.numel()
+                    k += len(v)
                     if at < k:
                         return f"{self._names[i]} was written through .data"
         return None
