@@ -200,9 +200,10 @@ class Engine:
         """Whether steps replay from CUDA graphs, and if not why (for ``rmt-fast info`` and logs)."""
         if not self.cuda_graphs:
             return f"off: {self._graphs_off_reason}"
-        if not self._runners:
+        runners = list(self._runners.values())       # a snapshot: another thread's call may add one
+        if not runners:
             return "on (captured on first use, per batch shape)"
-        return "; ".join(r.status for r in self._runners.values())
+        return "; ".join(r.status for r in runners)
 
     # -- public --------------------------------------------------------------------------------
     @_public_call
