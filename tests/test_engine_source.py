@@ -3,14 +3,19 @@ their dtype or device is noticed at the next call, which then equals a fresh Eng
 the Engine itself never changes the model."""
 import contextlib
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from transformers import BertConfig
 
-from helpers import random_docs, tiny_model
+from helpers import make_model, random_docs, tiny_model
 from rmt_fast import Engine
 from rmt_fast.engine import runner
+from rmt_fast.tokenize import load_tokenizer
+
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "rmt_fast" / "data" / "bert-base-cased"
 
 LENGTHS = [5, 70, 21, 44]
 THREADS, ROUNDS = 3, 4
@@ -227,3 +232,33 @@ def test_a_call_keeps_its_plan_when_another_call_rebuilds():
     assert (new - Engine(model).classify(docs, batch_size=2)).abs().max() <= 1e-6
     assert (new - old).abs().max() > 1e-4
     assert (result["logits"] - old).abs().max() <= 1e-6
+
+
+def test_a_model_made_under_inference_mode_is_watched_too():
+    """Inference tensors have no version counter: the Engine still runs, and notices a change through
+    the sampled elements."""
+    with torch.inference_mode():
+        model = tiny_model()
+    docs = _docs()
+    engine = Engine(model)
+    before = engine.classify(docs, batch_size=3)
+    with torch.inference_mode():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    got = engine.classify(docs, batch_size=3)
+    want = Engine(model).classify(docs, batch_size=3)
+    assert (want - before).abs().max() > 1e-4
+    assert (got - want).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("entry", ["classify", "classify_texts"])
+def test_truncation_warning_names_the_callers_line(entry):
+    bc = BertConfig(vocab_size=28996, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                    intermediate_size=64, max_position_embeddings=64)
+    engine = Engine(make_model(bc, num_mem_tokens=4, input_size=40, max_n_segments=2))
+    with pytest.warns(UserWarning, match="max_n_segments") as caught:
+        if entry == "classify":
+            engine.classify(random_docs([100], 28996))
+        else:
+            engine.classify_texts(["the memory carries it " * 30], load_tokenizer(TOKENIZER_DIR))
+    assert {w.filename for w in caught} == {__file__}

@@ -22,6 +22,7 @@ import contextlib
 import functools
 import logging
 import os
+import sys
 import threading
 import time
 import warnings
@@ -79,6 +80,18 @@ def _optional_bool(name: str, value) -> Optional[bool]:
     if value is not None and not isinstance(value, bool):
         raise ValueError(f"{name} must be True, False or None, got {value!r}")
     return value
+
+
+_INTERNAL = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(torch.__file__))
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` (for a warn() in the caller of this) of the first frame outside rmt_fast and
+    torch (whose decorators wrap the public calls): a warning then names the user's line."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _public_call(method):
@@ -334,14 +347,14 @@ class Engine:
         cut = [i for i, d in enumerate(raw) if int(documents.lengths[i]) == limit and d.numel() > limit
                and int((~torch.isin(d, specials)).sum()) > limit]
         if cut:
-            self._warn_cut(cut, stacklevel=4)
+            self._warn_cut(cut)
 
-    def _warn_cut(self, cut: List[int], stacklevel: int) -> None:
+    def _warn_cut(self, cut: List[int]) -> None:
         cfg = self.config
         limit = cfg.segment_size * cfg.max_n_segments
         warnings.warn(f"documents {cut[:10]}{'...' if len(cut) > 10 else ''} exceed max_n_segments="
                       f"{cfg.max_n_segments} ({limit} tokens) and keep only their head, as the reference does",
-                      stacklevel=stacklevel)
+                      stacklevel=_user_stacklevel())
 
     def _runner(self, slots: int, result_rows: int) -> graphs.StepRunner:
         key = (slots, result_rows)
@@ -416,7 +429,7 @@ class Engine:
         finally:
             bar.close()
         if truncated:
-            self._warn_cut(sorted(set(truncated)), stacklevel=4)
+            self._warn_cut(sorted(set(truncated)))
         return got
 
     def _compact_step(self, state, results, step, T: int, meta, c: int) -> None:

@@ -28,6 +28,11 @@ SAMPLES = 8                  # elements sampled per tensor
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def _signature(t: torch.Tensor) -> tuple:
+    # An inference tensor (made under torch.inference_mode) has no version counter: the samples watch it.
+    return None if t.is_inference() else t._version, t.data_ptr(), t.dtype, t.device
+
+
 def _sample_view(t: torch.Tensor) -> Optional[torch.Tensor]:
     """Up to SAMPLES elements spread over ``t``'s storage span, as a 1-D integer view of the same bits.
 
@@ -57,7 +62,7 @@ class SourceWatch:
                         tensors.setdefault(id(obj), (f"{prefix}.{key}" if prefix else key, obj))
         self._names = [name for name, _ in tensors.values()]
         self._tensors = [t for _, t in tensors.values()]
-        self._signatures = [(t._version, t.data_ptr(), t.dtype, t.device) for t in self._tensors]
+        self._signatures = [_signature(t) for t in self._tensors]
         # Sample views grouped by dtype and device: one concatenation and one compare per group. On the
         # CPU the views are numpy arrays over the same memory: numpy concatenates 200 small arrays in
         # ~40 us, torch.cat in ~400 us.
@@ -77,7 +82,10 @@ class SourceWatch:
         for owner, key, obj in self._places:
             if owner.get(key) is not obj:
                 return f"{key!r} was replaced"
-        now = [(t._version, t.data_ptr(), t.dtype, t.device) for t in self._tensors]
+        try:                                            # the fast path: no inference tensors
+            now = [(t._version, t.data_ptr(), t.dtype, t.device) for t in self._tensors]
+        except RuntimeError:
+            now = [_signature(t) for t in self._tensors]
         if now != self._signatures:
             name, before, after = next(c for c in zip(self._names, self._signatures, now) if c[1] != c[2])
             return self._describe(name, before, after)
