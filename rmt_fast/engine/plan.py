@@ -57,7 +57,13 @@ def _check_supported(model: RMTForSequenceClassification) -> None:
 
 
 class InferencePlan:
-    """Weights of ``model`` laid out for fast inference on ``device`` in ``dtype``."""
+    """Weights of ``model`` laid out for fast inference on ``device`` in ``dtype``.
+
+    The model is only read (no mode switch, no in-place change). Tensors already in the wanted dtype
+    and device are used as they are, not copied: an in-place change of the model reaches them, which
+    is why the Engine rebuilds its plan on any change (``source_watch.py``). An explicitly named
+    ``attention`` backend that cannot run this model here raises RuntimeError now.
+    """
 
     def __init__(self, model: RMTForSequenceClassification, device: torch.device, dtype: torch.dtype,
                  attention: str = "auto", packed_weights: Optional[bool] = None):
