@@ -262,3 +262,30 @@ def test_truncation_warning_names_the_callers_line(entry):
         else:
             engine.classify_texts(["the memory carries it " * 30], load_tokenizer(TOKENIZER_DIR))
     assert {w.filename for w in caught} == {__file__}
+
+
+@pytest.mark.parametrize("entry", ["classify_texts", "classify_files", "classify_stream"])
+def test_every_entry_point_sees_the_change(entry, tmp_path):
+    bc = BertConfig(vocab_size=28996, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64, max_position_embeddings=64, initializer_range=0.2)
+    model = make_model(bc, num_mem_tokens=4, input_size=40)
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    texts = ["the memory carries what each segment read " * k for k in (1, 9, 4)]
+    paths = []
+    for i, text in enumerate(texts):
+        paths.append(tmp_path / f"{i}.txt")
+        paths[-1].write_text(text)
+
+    def run(engine):
+        if entry == "classify_texts":
+            return engine.classify_texts(texts, tokenizer, batch_size=2)
+        if entry == "classify_files":
+            return engine.classify_files(paths, tokenizer, batch_size=2)
+        return engine.classify_stream([[t] for t in texts], tokenizer, batch_size=2)
+
+    engine = Engine(model)
+    before = run(engine)
+    _add(_query)(model)
+    got, want = run(engine), run(Engine(model))
+    assert (want - before).abs().max() > 1e-4
+    assert (got - want).abs().max() <= 1e-6
