@@ -79,12 +79,7 @@ class RMTEncoderForSequenceClassification(RMTForSequenceClassification):
         for key, twin in ((_ALIAS, _WORD_EMBEDDINGS), (_WORD_EMBEDDINGS, _ALIAS)):
             if key not in state and twin in state:
                 state[key] = state[twin]
-        self._engine = None
         return super().load_state_dict(state, strict=strict, assign=assign)
-
-    def train(self, mode: bool = True):
-        self._engine = None  # weights change while training: rebuild the plan when eval comes back
-        return super().train(mode)
 
     # -- which path -------------------------------------------------------------------------------
     def fast_path_dtype(self, input_ids, labels=None, output_attentions=None,
@@ -118,7 +113,7 @@ class RMTEncoderForSequenceClassification(RMTForSequenceClassification):
         engine = self._engine
         if engine is None or engine.device != device or engine.dtype != dtype:
             engine = Engine(self, device=device, dtype=dtype)
-            self._engine = engine   # set after Engine() returns: building it may call self.eval()
+            self._engine = engine   # the Engine itself rebuilds when the weights change
         return engine
 
     # -- forward ----------------------------------------------------------------------------------

@@ -8,11 +8,16 @@ Precision: matmuls and attention run in the plan's dtype. The embedding sum and 
 in float32 from float32 tables, and the memory state is carried in float32 between segments (the
 last layer's memory rows are rounded to the compute dtype once, then up-cast), so rounding does not
 compound through the embedding of thousands of segments.
+
+Threads: a plan is shared by every call of its Engine, so ``step`` keeps nothing per call in the plan
+(each call's buffers are its own). The only state it writes is ``_chosen``, the attention backend of
+each (layer, masked) variant, chosen once: a deterministic choice, so two threads racing on it write
+the same value.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +57,13 @@ def _check_supported(model: RMTForSequenceClassification) -> None:
 
 
 class InferencePlan:
-    """Weights of ``model`` laid out for fast inference on ``device`` in ``dtype``."""
+    """Weights of ``model`` laid out for fast inference on ``device`` in ``dtype``.
+
+    The model is only read (no mode switch, no in-place change). Tensors already in the wanted dtype
+    and device are used as they are, not copied: an in-place change of the model reaches them, which
+    is why the Engine rebuilds its plan on any change (``source_watch.py``). An explicitly named
+    ``attention`` backend that cannot run this model here raises RuntimeError now.
+    """
 
     def __init__(self, model: RMTForSequenceClassification, device: torch.device, dtype: torch.dtype,
                  attention: str = "auto", packed_weights: Optional[bool] = None):
@@ -109,21 +120,44 @@ class InferencePlan:
         self.pooler_w, self.pooler_b = low(model.bert.pooler.dense.weight), low(model.bert.pooler.dense.bias)
         classifier = model.model.classifier
         self.cls_w, self.cls_b = low(classifier.weight), low(classifier.bias)
-        self._chosen: dict = {}
-        self._embed_out: dict = {}
+        self._chosen: Dict[Tuple[int, bool], str] = {}        # (layer, masked) -> the backend that ran
+        if attention != "auto":
+            self._check_attention()
+
+    def _check_attention(self) -> None:
+        """An explicitly requested backend that cannot run this model here fails now, not mid-run."""
+        T, M, heads, d = self.config.input_size, self.config.num_mem_tokens, self.num_heads, self.head_dim
+        kv = torch.zeros(1, T, heads, d, device=self.device, dtype=self.dtype)
+        key_lengths = torch.full((1,), T, dtype=torch.int64, device=self.device)
+        for rows in (T, M + 1):                                    # every layer's queries; the last layer's
+            for lengths in (None, key_lengths):
+                backends.select(self.attention, kv[:, :rows], kv, kv, lengths)
+
+    # -- what ran ---------------------------------------------------------------------------------
+    @property
+    def attention_report(self) -> List[Dict[str, str]]:
+        """Per layer, the attention backend each variant actually ran: {'unmasked'/'masked': name}."""
+        report: List[Dict[str, str]] = [{} for _ in self.layers]
+        for (layer, masked), name in sorted(self._chosen.items()):
+            report[layer]["masked" if masked else "unmasked"] = name
+        return report
+
+    def describe(self) -> dict:
+        """What this plan runs: device, dtype, linear layers and the attention of each layer so far."""
+        return {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "packed_weights": self.packed_weights_status, "attention_requested": self.attention,
+                "attention": self.attention_report}
 
     # -- pieces -----------------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """ids: [B, T] int64; memory: [B, M, H] float32 -> [B, T, H] in the plan's dtype."""
-        out = self._embed_out.get(ids.shape)
-        if out is None:  # one buffer per batch shape, reused every step
-            out = self._embed_out[ids.shape] = torch.empty(*ids.shape, self.hidden, device=self.device,
-                                                           dtype=self.dtype)
+        # A fresh output per call: a buffer kept in the plan would be shared by concurrent calls.
+        out = torch.empty(*ids.shape, self.hidden, device=self.device, dtype=self.dtype)
         return _ext.segment_embed(ids, memory, self.word_emb, self.pos_emb, self.type_emb0,
                                   self.emb_ln_w, self.emb_ln_b, self.eps, out)
 
-    def _attend(self, q, k, v, key_lengths):
-        key = (q.shape[1], key_lengths is None)
+    def _attend(self, index: int, q, k, v, key_lengths):
+        key = (index, key_lengths is not None)
         name = self._chosen.get(key)
         if name is None:
             name = self._chosen[key] = backends.select(self.attention, q, k, v, key_lengths)
@@ -134,18 +168,21 @@ class InferencePlan:
         f = w.ffn_out(w.ffn_in(h))
         return F.layer_norm(f + h, (self.hidden,), w.ln2_w, w.ln2_b, self.eps)
 
-    def layer(self, w: LayerWeights, x, key_lengths):
+    def layer(self, index: int, x, key_lengths):
+        w = self.layers[index]
         B, T, _ = x.shape
         qkv = w.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)
-        attn = self._attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_lengths)
+        attn = self._attend(index, qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_lengths)
         return self._finish_layer(w, attn, x)
 
-    def last_layer(self, w: LayerWeights, x, key_lengths, rows: int):
+    def last_layer(self, x, key_lengths, rows: int):
         """The last layer for the first ``rows`` query rows only; keys and values over the whole block."""
+        index = len(self.layers) - 1
+        w = self.layers[index]
         B, T, H = x.shape
         q = w.q(x[:, :rows]).view(B, rows, self.num_heads, self.head_dim)
         kv = w.kv(x).view(B, T, 2, self.num_heads, self.head_dim)
-        attn = self._attend(q, kv[:, :, 0], kv[:, :, 1], key_lengths)
+        attn = self._attend(index, q, kv[:, :, 0], kv[:, :, 1], key_lengths)
         return self._finish_layer(w, attn, x[:, :rows])
 
     # -- one step ---------------------------------------------------------------------------------
@@ -158,9 +195,9 @@ class InferencePlan:
         """
         M = self.config.num_mem_tokens
         x = self.embed(ids, memory)
-        for w in self.layers[:-1]:
-            x = self.layer(w, x, key_lengths)
-        read = self.last_layer(self.layers[-1], x, key_lengths, rows=M + 1)             # [B, 1 + M, H]
+        for index in range(len(self.layers) - 1):
+            x = self.layer(index, x, key_lengths)
+        read = self.last_layer(x, key_lengths, rows=M + 1)                               # [B, 1 + M, H]
         pooled = torch.tanh(F.linear(read[:, 0], self.pooler_w, self.pooler_b))
         logits = F.linear(pooled, self.cls_w, self.cls_b).float()
         return logits, read[:, 1:]

@@ -18,7 +18,12 @@ waits for the step it has just enqueued. See docs/DRIVER.md.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import os
+import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -34,6 +39,9 @@ from . import graphs
 from .feeder import (COL_DEST, COL_KEYLEN, COL_RESET, COL_SLOT, ChunkLayout, DocumentError, Feeder, IdsSource,
                      TextSource)
 from .plan import InferencePlan
+from .source_watch import SourceWatch
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -68,6 +76,33 @@ def resolve_dtype(dtype) -> torch.dtype:
     raise ValueError(f"dtype {dtype!r} is not supported; choose float32, bfloat16 or float16")
 
 
+def _optional_bool(name: str, value) -> Optional[bool]:
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{name} must be True, False or None, got {value!r}")
+    return value
+
+
+_INTERNAL = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(torch.__file__))
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` (for a warn() in the caller of this) of the first frame outside rmt_fast and
+    torch (whose decorators wrap the public calls): a warning then names the user's line."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _public_call(method):
+    """A public entry point: runs on a plan that is current and stays the same for the whole call."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self._call():
+            return method(self, *args, **kwargs)
+    return call
+
+
 class Engine:
     """Fast inference for an ``RMTForSequenceClassification``.
 
@@ -78,6 +113,16 @@ class Engine:
     False does it in turn on the caller's thread (the same results, for benchmarks).
     packed_weights: oneDNN pre-packed linear weights, activation fused into the FFN GEMM (None: on the
     CPU in float32/bfloat16 where this torch has oneDNN; ``engine.plan.packed_weights_status`` says).
+    An option set explicitly (True, or a named backend) that cannot be met here raises ValueError or
+    RuntimeError at construction; None/'auto' choose quietly.
+
+    The model: read, never changed (its train/eval mode included). The Engine keeps a reference to
+    it and notices, at the start of every call and in microseconds, any change to its weights, their
+    dtype or device (``source_watch.py`` says how); the plan is then rebuilt before the call runs.
+
+    Threads: one Engine may be shared. Each call runs on the plan that was current when it started,
+    with its own buffers; on the CPU calls run concurrently. The static loop (CUDA) replays runners
+    and graphs that hold one memory state each, so its calls take turns (a lock held for the call).
     """
 
     def __init__(self, model: RMTForSequenceClassification, device="cpu", dtype=torch.float32,
@@ -85,27 +130,96 @@ class Engine:
                  packed_weights: Optional[bool] = None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
-        self.config = model.config
-        self.plan = InferencePlan(model.eval(), self.device, self.dtype, attention, packed_weights)
+        cuda_graphs = _optional_bool("cuda_graphs", cuda_graphs)
+        packed_weights = _optional_bool("packed_weights", packed_weights)
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be True or False, got {overlap!r}")
         reason = graphs.why_not(self.device)
-        self.cuda_graphs = (reason is None) if cuda_graphs is None else bool(cuda_graphs and self.device.type == "cuda")
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True is not possible here: {reason}")
+        # An explicit True overrides the RMT_FAST_CUDA_GRAPHS switch, which only changes the default.
+        self.cuda_graphs = (reason is None) if cuda_graphs is None else cuda_graphs
         self.overlap = overlap
         # The static all-slot loop: always on CUDA; settable on the CPU to test that loop there.
         self.static_loop = self.device.type == "cuda"
+        self._graphs_off_reason = None if self.cuda_graphs else (reason or "turned off (cuda_graphs=False)")
+        self._model, self._plan_options = model, (attention, packed_weights)
+        self._lock = threading.RLock()          # rebuilding the plan; a static-loop call (shared runners)
+        self._bound = threading.local()         # .plan: the plan of the call running on this thread
+        self._watch = SourceWatch(model)        # recorded before the plan reads the weights
+        self._plan = InferencePlan(model, self.device, self.dtype, attention, packed_weights)
         self._runners: Dict[tuple, graphs.StepRunner] = {}
         self._graph_pool = None
-        self._graphs_off_reason = None if self.cuda_graphs else (reason or "turned off (cuda_graphs=False)")
+
+    # -- the plan, kept current -----------------------------------------------------------------
+    @property
+    def plan(self) -> InferencePlan:
+        """The plan of the call running on this thread, else the current one."""
+        bound = getattr(self._bound, "plan", None)
+        return self._plan if bound is None else bound
+
+    @property
+    def config(self):
+        return self.plan.config
+
+    def refresh(self, force: bool = False) -> Optional[str]:
+        """Rebuild the plan if the model changed since it was built (or if ``force``); says why, or None.
+
+        Every call does this first. ``force`` is for edits the watch cannot see: a write through
+        ``p.data`` that changes none of the sampled elements (see ``source_watch.py``).
+        """
+        reason = "forced" if force else self._changed()
+        if reason is None:
+            return None
+        with self._lock:                        # one rebuild; static-loop calls finish on the old plan first
+            if not force:
+                reason = self._changed()        # another thread may have rebuilt meanwhile
+                if reason is None:
+                    return None
+            watch = SourceWatch(self._model)    # before reading: a change during the build shows next call
+            self._plan = InferencePlan(self._model, self.device, self.dtype, *self._plan_options)
+            self._watch = watch
+            self._runners, self._graph_pool = {}, None   # they hold the old plan
+        log.info("rmt_fast: the model changed (%s); plan rebuilt", reason)
+        return reason
+
+    def _changed(self) -> Optional[str]:
+        if self._model.config is not self._plan.config:
+            return "its RMTConfig was replaced"
+        return self._watch.changed()
+
+    @contextlib.contextmanager
+    def _call(self):
+        """Around every public call: refresh, then bind the current plan to this thread for the call."""
+        if getattr(self._bound, "plan", None) is not None:   # nested (classify_files -> classify_stream)
+            yield                                           # the outer call's plan throughout
+            return
+        self.refresh()
+        with self._lock if self.static_loop else contextlib.nullcontext():
+            self._bound.plan = self._plan
+            try:
+                yield
+            finally:
+                self._bound.plan = None
+
+    def describe(self) -> dict:
+        """What runs: the plan's device, dtype, linear layers and each layer's attention backend so
+        far (``InferencePlan.describe``), and the CUDA graphs: the step widths captured per batch
+        shape (every step of a captured width replays its graph), or why steps run eagerly."""
+        return {**self.plan.describe(), "cuda_graphs": self.graphs_status}
 
     @property
     def graphs_status(self) -> str:
         """Whether steps replay from CUDA graphs, and if not why (for ``rmt-fast info`` and logs)."""
         if not self.cuda_graphs:
             return f"off: {self._graphs_off_reason}"
-        if not self._runners:
+        runners = list(self._runners.values())       # a snapshot: another thread's call may add one
+        if not runners:
             return "on (captured on first use, per batch shape)"
-        return "; ".join(r.status for r in self._runners.values())
+        return "; ".join(r.status for r in runners)
 
     # -- public --------------------------------------------------------------------------------
+    @_public_call
     @torch.inference_mode()
     def classify(self, docs: Sequence, batch_size: int = 8, empty: str = "error",
                  progress: bool = False) -> torch.Tensor:
@@ -137,6 +251,7 @@ class Engine:
         got = self._run(source, min(batch_size, D), empty, "raise", progress, total=len(segs))
         return torch.stack([got[d] for d in range(D)])
 
+    @_public_call
     def classify_texts(self, texts: Sequence[str], tokenizer, batch_size: int = 8, empty: str = "error",
                        progress: bool = False, chunk_chars: int = 1 << 16, workers: int = 2) -> torch.Tensor:
         """Tokenize texts on ``workers`` threads, ahead of the compute, and classify them.
@@ -152,10 +267,12 @@ class Engine:
         return self.classify_stream(texts, tokenizer, batch_size=batch_size, empty=empty, progress=progress,
                                     chunk_chars=chunk_chars, workers=workers, _texts=True)
 
+    @_public_call
     def classify_files(self, paths: Iterable, tokenizer, **kwargs) -> torch.Tensor:
         """``classify_stream`` of UTF-8 text files by path (errors name the file)."""
         return self.classify_stream([Path(p) for p in paths], tokenizer, **kwargs)
 
+    @_public_call
     @torch.inference_mode()
     def classify_stream(self, sources: Iterable, tokenizer, batch_size: int = 8, empty: str = "error",
                         progress: bool = False, chunk_chars: int = 1 << 16, workers: int = 2,
@@ -225,17 +342,19 @@ class Engine:
         if cfg.max_n_segments is None:
             return
         limit = cfg.segment_size * cfg.max_n_segments
-        cut = [i for i, d in enumerate(raw) if d.numel() > limit
-               and int(documents.lengths[i]) == limit and d.numel() - int(documents.lengths[i]) > 0]
+        specials = torch.tensor(cfg.special_token_ids, dtype=torch.int64)
+        # Cut: more than ``limit`` ordinary tokens (special ids are removed anyway, cutting nothing).
+        cut = [i for i, d in enumerate(raw) if int(documents.lengths[i]) == limit and d.numel() > limit
+               and int((~torch.isin(d, specials)).sum()) > limit]
         if cut:
-            self._warn_cut(cut, stacklevel=4)
+            self._warn_cut(cut)
 
-    def _warn_cut(self, cut: List[int], stacklevel: int) -> None:
+    def _warn_cut(self, cut: List[int]) -> None:
         cfg = self.config
         limit = cfg.segment_size * cfg.max_n_segments
         warnings.warn(f"documents {cut[:10]}{'...' if len(cut) > 10 else ''} exceed max_n_segments="
                       f"{cfg.max_n_segments} ({limit} tokens) and keep only their head, as the reference does",
-                      stacklevel=stacklevel)
+                      stacklevel=_user_stacklevel())
 
     def _runner(self, slots: int, result_rows: int) -> graphs.StepRunner:
         key = (slots, result_rows)
@@ -310,7 +429,7 @@ class Engine:
         finally:
             bar.close()
         if truncated:
-            self._warn_cut(sorted(set(truncated)), stacklevel=4)
+            self._warn_cut(sorted(set(truncated)))
         return got
 
     def _compact_step(self, state, results, step, T: int, meta, c: int) -> None:
