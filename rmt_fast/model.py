@@ -10,13 +10,14 @@ applies its LayerNorm; the new memory is the last layer's output at those rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import segmentation
+from . import checkpoints, segmentation
 from .config import RMTConfig
 from .inputs import as_documents
 
@@ -134,19 +135,50 @@ class RMTForSequenceClassification(nn.Module):
             loss = torch.stack(losses).sum() if cfg.sum_loss else losses[-1]
         return RMTOutput(logits=logits, loss=loss, memory=memory)
 
-    # -- checkpoints (rmt_fast.checkpoints does the work) ----------------------------------------
+    # -- checkpoints (rmt_fast.checkpoints reads and writes the files) -------------------------
     @classmethod
-    def from_reference_checkpoint(cls, path, backbone_config, **kwargs) -> "RMTForSequenceClassification":
-        """The reference's ``model_best.pth``; see ``rmt_fast.checkpoints.from_reference_checkpoint``."""
-        from .checkpoints import from_reference_checkpoint
-        return from_reference_checkpoint(path, backbone_config, **kwargs)
+    def _from_state(cls, config: RMTConfig, backbone_config, state: dict, source) -> "RMTForSequenceClassification":
+        model = cls.from_configs(config, backbone_config)
+        checkpoints.check_state_dict(model.state_dict(), state, str(source))
+        model.load_state_dict(state)
+        return model.eval()
+
+    @classmethod
+    def from_reference_checkpoint(cls, path, backbone_config, num_labels: Optional[int] = None,
+                                  **rmt_kwargs) -> "RMTForSequenceClassification":
+        """The reference implementation's ``model_best.pth`` (or a bare state dict).
+
+        backbone_config: the backbone's transformers config (object, ``config.json`` path or directory),
+        with the tokenizer's vocabulary size (as bert-base-cased's config.json) or the extended one.
+        The memory-token count, tokenizer vocabulary, [CLS]/[SEP] ids and label count are read from the
+        checkpoint itself; rmt_kwargs (input_size, segment_alignment, max_n_segments...) set the rest.
+        """
+        config, bconf, state = checkpoints.read_reference_checkpoint(path, backbone_config, num_labels,
+                                                                     **rmt_kwargs)
+        return cls._from_state(config, bconf, state, path)
 
     @classmethod
     def from_pretrained(cls, directory) -> "RMTForSequenceClassification":
         """A directory written by ``save_pretrained`` (safetensors + JSON)."""
-        from .checkpoints import from_pretrained
-        return from_pretrained(directory)
+        config, bconf, state = checkpoints.read_pretrained(directory)
+        return cls._from_state(config, bconf, state, Path(directory) / "model.safetensors")
+
+    @classmethod
+    def load(cls, path, backbone_config=None, **rmt_kwargs) -> "RMTForSequenceClassification":
+        """An rmt_fast directory, or a reference ``.pth`` file (which needs ``backbone_config``)."""
+        p = Path(path)
+        if p.is_dir():
+            return cls.from_pretrained(p)
+        if not p.is_file():
+            raise FileNotFoundError(f"no model at {p}")
+        if backbone_config is None:
+            raise ValueError(f"{p} is a reference checkpoint: give its backbone config (--backbone-config)")
+        return cls.from_reference_checkpoint(p, backbone_config, **rmt_kwargs)
 
     def save_pretrained(self, directory) -> None:
-        from .checkpoints import save_pretrained
-        save_pretrained(self, directory)
+        """``model.safetensors`` + ``config.json`` in ``directory``."""
+        checkpoints.save_pretrained(self, directory)
+
+    def save_reference_checkpoint(self, path) -> None:
+        """``model_best.pth`` in the reference implementation's format."""
+        checkpoints.save_reference_checkpoint(self, path)

@@ -7,7 +7,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from rmt_fast import RMTConfig, RMTForSequenceClassification
-from rmt_fast.analysis import attention_maps as am
+from rmt_fast.analysis import attention_maps_cli as am
 from rmt_fast.analysis.attention_maps import (BACKGROUND, CLS, FACT, MEMORY, PAD, QUESTION, SEP,
                                               attention_maps, find_token_spans, memory_attention_summary)
 
@@ -199,8 +199,8 @@ def test_cli_task_sample_marks_its_spans(tmp_path, monkeypatch, capsys):
             seen.update(n_segments=n_segments, index=index)
             return sample
 
-    stub = SimpleNamespace(TaskGenerator=Generator, load_tokenizer=lambda path: None)
-    monkeypatch.setattr(am, "_tasks_module", lambda: stub)
+    monkeypatch.setattr(am.tasks, "TaskGenerator", Generator)
+    monkeypatch.setattr(am.tasks, "load_tokenizer", lambda path: None)
     parser = argparse.ArgumentParser()
     am.add_cli(parser.add_subparsers())
     args = parser.parse_args(["attention-maps", "--model", str(tmp_path / "model"), "--task-segments", "2",
