@@ -206,9 +206,10 @@ def run(args) -> int:
         task_names = args.task or ["memorize", "detect"]
         rows: List[Row] = []
         t0 = time.time()
-        for name, path in models:
-            model = RMTForSequenceClassification.from_pretrained(path)
-            tokenizer = T.load_tokenizer(path)
+        # Every model loads before any is evaluated: a bad one fails the run before compute, not after.
+        loaded = [(name, RMTForSequenceClassification.from_pretrained(path), T.load_tokenizer(path))
+                  for name, path in models]
+        for name, model, tokenizer in loaded:
             engine = Engine(model, device=args.device)  # one per model: weights packed once
             for task in task_names:
                 rows += evaluate_model(model, tokenizer, task, lengths, args.samples, name=name,
