@@ -154,7 +154,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="*", help="rmt_fast model directories; NAME=DIR labels a line "
                                              "(default: the shipped default model)")
-    p.add_argument("--task", action="append", default=None,
+    p.add_argument("--task", action="append", default=None, choices=list(T.TASK_ALIASES),
                    help="memorize, detect or reasoning; repeat for several (default: memorize and detect)")
     p.add_argument("--max-segments", type=positive_int, default=4096, help="lengths 1, 2, 4, ... up to this")
     p.add_argument("--lengths", type=positive_int_list, default=None,
