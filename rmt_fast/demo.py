@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import time
 
+from .cli_args import nonnegative_int, positive_int
 from .evaluate import default_model_dir
 
 
@@ -15,21 +16,21 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser("demo", help="classify a generated million-token document with the default model")
     p.add_argument("--model", default=None, help="an rmt_fast model folder (default: the shipped model)")
     p.add_argument("--task", default="detect", choices=["memorize", "detect", "reasoning"])
-    p.add_argument("--tokens", type=int, default=1_000_000, help="text tokens in the document (about)")
-    p.add_argument("--seed", type=int, default=0, help="which generated document")
+    p.add_argument("--tokens", type=positive_int, default=1_000_000, help="text tokens in the document (about)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="which generated document")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from .checkpoints import from_pretrained
     from .engine import Engine
+    from .model import RMTForSequenceClassification
     from .tasks import TaskGenerator
     from .tokenize import load_tokenizer
 
     path = args.model or default_model_dir()
-    model = from_pretrained(path)
+    model = RMTForSequenceClassification.from_pretrained(path)
     tokenizer = load_tokenizer(path)
     cfg = model.config
     n_segments = max(1, math.ceil(args.tokens / cfg.segment_size))

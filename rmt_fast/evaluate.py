@@ -12,25 +12,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
+from . import distributed, files, plotting
 from . import tasks as T
+from .cli_args import check_output_dir, nonnegative_int, positive_int, positive_int_list, run_command
 
 
-def predict(model, docs, batch_size: int = 8, device="cpu", progress: bool = False) -> torch.Tensor:
-    """Logits [len(docs), num_labels] through the Engine (the fast inference path)."""
-    from .engine import Engine
+def predict(model, docs, batch_size: int = 8, device="cpu", progress: bool = False, engine=None) -> torch.Tensor:
+    """Logits [len(docs), num_labels] through the Engine (the fast inference path).
 
+    engine: an ``Engine`` of ``model`` to reuse (its weights are packed once); else one is built.
+    """
     if len(docs) == 0:
         return torch.zeros(0, model.config.num_labels)
-    return Engine(model, device=device).classify(docs, batch_size=batch_size, progress=progress)
+    if engine is None:
+        from .engine import Engine
+
+        engine = Engine(model, device=device)
+    return engine.classify(docs, batch_size=batch_size, progress=progress)
 
 
 def default_lengths(max_segments: int) -> List[int]:
@@ -62,17 +67,18 @@ class Row:
     seconds: float
 
 
-def _dist() -> tuple:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def evaluate_model(model, tokenizer, task: str, lengths: Sequence[int], samples: int, name: str = "model",
                    long_samples: Optional[int] = None, long_from: int = 1 << 30, batch_size: int = 32,
-                   seed: int = 1234, split: str = "test", device="cpu", progress: bool = False) -> List[Row]:
-    """Accuracy of one model on one task at each length, sharded across torchrun processes."""
-    rank, world = _dist()
+                   seed: int = 1234, split: str = "test", device="cpu", progress: bool = False,
+                   engine=None) -> List[Row]:
+    """Accuracy of one model on one task at each length, sharded across torchrun processes.
+
+    engine: an ``Engine`` of ``model`` to classify with; by default one is built for the whole call.
+    """
+    from .engine import Engine
+
+    rank, world = distributed.rank_and_world()
+    engine = engine if engine is not None else Engine(model, device=device)
     gen = T.TaskGenerator(task, tokenizer, model.config, split=split, seed=seed)
     rows = []
     for n in lengths:
@@ -84,16 +90,11 @@ def evaluate_model(model, tokenizer, task: str, lengths: Sequence[int], samples:
         chunk = max(batch_size, 1)
         for c in range(0, len(mine), chunk):
             docs, labels = gen.batch(n, mine[c:c + chunk])
-            logits = predict(model, docs, batch_size=batch_size, device=device,
+            logits = predict(model, docs, batch_size=batch_size, engine=engine,
                              progress=progress and rank == 0 and n * len(docs) >= 4096)
             correct += int((logits.argmax(-1) == labels).sum())
-        counts = torch.tensor([correct, len(mine)], dtype=torch.int64)
-        if world > 1:
-            dist.all_reduce(counts)
-        seconds = torch.tensor([time.time() - t0], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-        c, total = (int(x) for x in counts)
+        c, total = (int(x) for x in distributed.all_reduce([correct, len(mine)], device))
+        seconds = distributed.all_reduce([time.time() - t0], device, op="max")[0]
         rows.append(Row(model=name, task=T.TASK_ALIASES[task], n_segments=n,
                         n_tokens=n * model.config.segment_size, samples=total, correct=c,
                         accuracy=c / total if total else float("nan"), seconds=round(float(seconds), 3)))
@@ -115,11 +116,7 @@ def table(rows: Sequence[Row]) -> str:
 
 def plot(rows: Sequence[Row], path) -> None:
     """Accuracy against input length in tokens, log x axis, one line per (model, task)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plotting.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     keys = list(dict.fromkeys((r.model, r.task) for r in rows))
     for model, task in keys:
@@ -134,17 +131,19 @@ def plot(rows: Sequence[Row], path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plotting.savefig(fig, path, dpi=120)
 
 
-def write_outputs(rows: Sequence[Row], out_dir, meta: Optional[dict] = None) -> Dict[str, Path]:
+def write_outputs(rows: Sequence[Row], out_dir, meta: Optional[dict] = None, with_plot: bool = True) -> Dict[str, Path]:
+    """accuracy.json, accuracy.md and (with_plot) accuracy.png in out_dir, each written atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "accuracy.json", "table": out / "accuracy.md", "plot": out / "accuracy.png"}
-    paths["json"].write_text(json.dumps({"meta": meta or {}, "rows": [asdict(r) for r in rows]}, indent=2))
-    paths["table"].write_text(table(rows) + "\n")
-    plot(rows, paths["plot"])
+    paths = {"json": out / "accuracy.json", "table": out / "accuracy.md"}
+    files.write_text(paths["json"], json.dumps({"meta": meta or {}, "rows": [asdict(r) for r in rows]}, indent=2))
+    files.write_text(paths["table"], table(rows) + "\n")
+    if with_plot:
+        paths["plot"] = out / "accuracy.png"
+        plot(rows, paths["plot"])
     return paths
 
 
@@ -155,19 +154,21 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="*", help="rmt_fast model directories; NAME=DIR labels a line "
                                              "(default: the shipped default model)")
-    p.add_argument("--task", action="append", default=None,
+    p.add_argument("--task", action="append", default=None, choices=list(T.TASK_ALIASES),
                    help="memorize, detect or reasoning; repeat for several (default: memorize and detect)")
-    p.add_argument("--max-segments", type=int, default=4096, help="lengths 1, 2, 4, ... up to this")
-    p.add_argument("--lengths", default=None, help="comma-separated segment counts instead of powers of two")
-    p.add_argument("--samples", type=int, default=100, help="samples per length")
-    p.add_argument("--long-samples", type=int, default=None, help="samples per length from --long-from on")
-    p.add_argument("--long-from", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=32, help="documents side by side in the Engine")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--max-segments", type=positive_int, default=4096, help="lengths 1, 2, 4, ... up to this")
+    p.add_argument("--lengths", type=positive_int_list, default=None,
+                   help="comma-separated segment counts instead of powers of two")
+    p.add_argument("--samples", type=positive_int, default=100, help="samples per length")
+    p.add_argument("--long-samples", type=positive_int, default=None, help="samples per length from --long-from on")
+    p.add_argument("--long-from", type=positive_int, default=1024)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="documents side by side in the Engine")
+    p.add_argument("--seed", type=nonnegative_int, default=1234)
     p.add_argument("--split", default="test", choices=list(T.SPLITS))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--out", default="eval-results", help="output directory for accuracy.{json,md,png}")
+    p.add_argument("--no-plot", action="store_true", help="skip accuracy.png (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
     return p
@@ -177,57 +178,66 @@ def default_model_dir() -> Path:
     return Path(__file__).resolve().parent / "data" / "default_model"
 
 
+def _model_specs(specs: Sequence[str]) -> List[tuple]:
+    """(name, path) of each ``[NAME=]DIR`` argument."""
+    models = []
+    for spec in specs:
+        name, _, path = spec.rpartition("=") if "=" in spec else (None, None, spec)
+        models.append((name or Path(path).name, Path(path)))
+    return models
+
+
 def run(args) -> int:
+    from .engine import Engine
     from .model import RMTForSequenceClassification
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    created = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if str(args.device).startswith("cuda") else "gloo")
-        created = True
-    rank, world = _dist()
+    created = distributed.init_process_group(args.device)
+    rank, world = distributed.rank_and_world()
     try:
-        specs = args.models or [f"default={default_model_dir()}"]
-        models = []
-        for spec in specs:
-            name, _, path = spec.rpartition("=") if "=" in spec else (None, None, spec)
-            path = Path(path)
-            models.append((name or path.name, path))
-        lengths = ([int(x) for x in args.lengths.split(",")] if args.lengths
-                   else default_lengths(args.max_segments))
+        # Every output and input problem shows now, not after hours of compute.
+        if rank == 0:
+            check_output_dir(args.out, "--out")
+            if not args.no_plot:
+                plotting.require_matplotlib()
+        models = _model_specs(args.models or [f"default={default_model_dir()}"])
+        lengths = args.lengths or default_lengths(args.max_segments)
         task_names = args.task or ["memorize", "detect"]
         rows: List[Row] = []
         t0 = time.time()
-        for name, path in models:
-            model = RMTForSequenceClassification.from_pretrained(path)
-            tokenizer = T.load_tokenizer(path)
+        # Every model loads before any is evaluated: a bad one fails the run before compute, not after.
+        loaded = [(name, RMTForSequenceClassification.from_pretrained(path), T.load_tokenizer(path))
+                  for name, path in models]
+        for name, model, tokenizer in loaded:
+            engine = Engine(model, device=args.device)  # one per model: weights packed once
             for task in task_names:
                 rows += evaluate_model(model, tokenizer, task, lengths, args.samples, name=name,
                                        long_samples=args.long_samples, long_from=args.long_from,
                                        batch_size=args.batch_size, seed=args.seed, split=args.split,
-                                       device=args.device, progress=not args.no_progress)
+                                       device=args.device, progress=not args.no_progress, engine=engine)
         if rank == 0:
             meta = {"models": {n: str(p) for n, p in models}, "tasks": task_names, "split": args.split,
                     "seed": args.seed, "processes": world, "wall_s": round(time.time() - t0, 1),
                     "torch_threads": torch.get_num_threads()}
-            paths = write_outputs(rows, args.out, meta)
-            print(table(rows))
-            print(f"wrote {paths['json']}, {paths['table']}, {paths['plot']} in {meta['wall_s']} s")
+            try:
+                print(table(rows), flush=True)  # first: the results survive a failing write
+            finally:
+                paths = write_outputs(rows, args.out, meta, with_plot=not args.no_plot)
+            print("wrote " + ", ".join(str(p) for p in paths.values()) + f" in {meta['wall_s']} s")
     finally:
-        if created:
-            dist.destroy_process_group()
+        distributed.destroy_process_group(created)
     return 0
 
 
 def main(argv=None) -> int:
+    import sys
+
     parser = argparse.ArgumentParser(prog="rmt-fast")
     sub = parser.add_subparsers(required=True)
     add_cli(sub)
-    import sys
-
     args = parser.parse_args(["evaluate"] + list(sys.argv[1:] if argv is None else argv))
-    return args.func(args)
+    return run_command(args)
 
 
 if __name__ == "__main__":

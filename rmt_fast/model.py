@@ -11,13 +11,14 @@ Face's ``problem_type`` rule (``classification_loss``), one per segment step, as
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import segmentation
+from . import checkpoints, segmentation
 from .config import RMTConfig
 from .inputs import as_documents
 
@@ -192,19 +193,50 @@ class RMTForSequenceClassification(nn.Module):
                          segment_hidden_states=hidden if output_hidden_states else None,
                          segment_attentions=attentions if output_attentions else None)
 
-    # -- checkpoints (rmt_fast.checkpoints does the work) ----------------------------------------
+    # -- checkpoints (rmt_fast.checkpoints reads and writes the files) -------------------------
     @classmethod
-    def from_reference_checkpoint(cls, path, backbone_config, **kwargs) -> "RMTForSequenceClassification":
-        """The reference's ``model_best.pth``; see ``rmt_fast.checkpoints.from_reference_checkpoint``."""
-        from .checkpoints import from_reference_checkpoint
-        return from_reference_checkpoint(path, backbone_config, **kwargs)
+    def _from_state(cls, config: RMTConfig, backbone_config, state: dict, source) -> "RMTForSequenceClassification":
+        model = cls.from_configs(config, backbone_config)
+        checkpoints.check_state_dict(model.state_dict(), state, str(source))
+        model.load_state_dict(state)
+        return model.eval()
+
+    @classmethod
+    def from_reference_checkpoint(cls, path, backbone_config, num_labels: Optional[int] = None,
+                                  **rmt_kwargs) -> "RMTForSequenceClassification":
+        """The reference implementation's ``model_best.pth`` (or a bare state dict).
+
+        backbone_config: the backbone's transformers config (object, ``config.json`` path or directory),
+        with the tokenizer's vocabulary size (as bert-base-cased's config.json) or the extended one.
+        The memory-token count, tokenizer vocabulary, [CLS]/[SEP] ids and label count are read from the
+        checkpoint itself; rmt_kwargs (input_size, segment_alignment, max_n_segments...) set the rest.
+        """
+        config, bconf, state = checkpoints.read_reference_checkpoint(path, backbone_config, num_labels,
+                                                                     **rmt_kwargs)
+        return cls._from_state(config, bconf, state, path)
 
     @classmethod
     def from_pretrained(cls, directory) -> "RMTForSequenceClassification":
         """A directory written by ``save_pretrained`` (safetensors + JSON)."""
-        from .checkpoints import from_pretrained
-        return from_pretrained(directory)
+        config, bconf, state = checkpoints.read_pretrained(directory)
+        return cls._from_state(config, bconf, state, Path(directory) / "model.safetensors")
+
+    @classmethod
+    def load(cls, path, backbone_config=None, **rmt_kwargs) -> "RMTForSequenceClassification":
+        """An rmt_fast directory, or a reference ``.pth`` file (which needs ``backbone_config``)."""
+        p = Path(path)
+        if p.is_dir():
+            return cls.from_pretrained(p)
+        if not p.is_file():
+            raise FileNotFoundError(f"no model at {p}")
+        if backbone_config is None:
+            raise ValueError(f"{p} is a reference checkpoint: give its backbone config (--backbone-config)")
+        return cls.from_reference_checkpoint(p, backbone_config, **rmt_kwargs)
 
     def save_pretrained(self, directory) -> None:
-        from .checkpoints import save_pretrained
-        save_pretrained(self, directory)
+        """``model.safetensors`` + ``config.json`` in ``directory``."""
+        checkpoints.save_pretrained(self, directory)
+
+    def save_reference_checkpoint(self, path) -> None:
+        """``model_best.pth`` in the reference implementation's format."""
+        checkpoints.save_reference_checkpoint(self, path)

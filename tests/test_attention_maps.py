@@ -7,7 +7,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from rmt_fast import RMTConfig, RMTForSequenceClassification
-from rmt_fast.analysis import attention_maps as am
+from rmt_fast.analysis import attention_maps_cli as am
 from rmt_fast.analysis.attention_maps import (BACKGROUND, CLS, FACT, MEMORY, PAD, QUESTION, SEP,
                                               attention_maps, find_token_spans, memory_attention_summary)
 
@@ -199,8 +199,8 @@ def test_cli_task_sample_marks_its_spans(tmp_path, monkeypatch, capsys):
             seen.update(n_segments=n_segments, index=index)
             return sample
 
-    stub = SimpleNamespace(TaskGenerator=Generator, load_tokenizer=lambda path: None)
-    monkeypatch.setattr(am, "_tasks_module", lambda: stub)
+    monkeypatch.setattr(am.tasks, "TaskGenerator", Generator)
+    monkeypatch.setattr(am.tasks, "load_tokenizer", lambda path: None)
     parser = argparse.ArgumentParser()
     am.add_cli(parser.add_subparsers())
     args = parser.parse_args(["attention-maps", "--model", str(tmp_path / "model"), "--task-segments", "2",
@@ -213,3 +213,25 @@ def test_cli_task_sample_marks_its_spans(tmp_path, monkeypatch, capsys):
     assert data["task"]["question"] == "Where is Mary?" and data["kept_segments"] == [0, 1]
     assert [s["marks"]["fact"] for s in data["segments"]] == [[[M + 2, M + 6]], []]
     assert [s["marks"]["question"] for s in data["segments"]] == [[], [[M + 2 + S - 3, M + 2 + S]]]
+
+
+@pytest.mark.parametrize("max_n_segments", [None, 2])
+def test_segmentation_returns_kept_positions(max_n_segments):
+    """clean_and_truncate(keep_positions=True): where each kept token was in its document as given."""
+    from rmt_fast import segmentation
+
+    cfg = CFG.replace(max_n_segments=max_n_segments)
+    special = set(cfg.special_token_ids)
+    # the first has no special id; the second is cut when max_n_segments is set
+    docs = [torch.arange(10, 70)] + [torch.randint(0, 8, (n,)) for n in (80, 1, 0, 7)]
+    for got_docs in ([d] for d in docs), [docs]:
+        for batch in got_docs:
+            out = segmentation.clean_and_truncate(batch, cfg, keep_positions=True)
+            for k, d in enumerate(batch):
+                want = [i for i, t in enumerate(d.tolist()) if t not in special]
+                if max_n_segments is not None:
+                    want = want[:cfg.segment_size * max_n_segments]
+                a, n = int(out.starts[k]), int(out.lengths[k])
+                assert out.positions[a:a + n].tolist() == want
+                assert out.tokens[a:a + n].tolist() == [d.tolist()[i] for i in want]
+    assert segmentation.clean_and_truncate(docs, cfg).positions is None

@@ -8,7 +8,7 @@ import torch
 
 from helpers import tiny_model
 from rmt_fast import Engine
-from rmt_fast.cli import main
+from rmt_fast.cli import build_parser, main
 from rmt_fast.tokenize import load_tokenizer
 
 WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away", ".", ","]
@@ -83,3 +83,190 @@ def test_demo_on_the_shipped_model(capsys):
     assert main(["demo", "--tokens", "3000", "--seed", "3"]) == 0
     out = capsys.readouterr().out
     assert "hidden fact(s):" in out and "truth:" in out and "segments/s" in out
+
+
+# -- numeric flags: refused at parse time, naming the flag -------------------------------------------
+
+@pytest.mark.parametrize("argv, flag", [
+    (["evaluate", "--samples", "-3"], "--samples"),
+    (["evaluate", "--samples", "0"], "--samples"),
+    (["evaluate", "--lengths", "1,0"], "--lengths"),
+    (["evaluate", "--threads", "0"], "--threads"),
+    (["evaluate", "--long-samples", "x"], "--long-samples"),
+    (["demo", "--tokens", "-5"], "--tokens"),
+    (["bench", "--layers", "0"], "--layers"),
+    (["bench", "--layers", "-2"], "--layers"),
+    (["bench", "--segments", "1,-16"], "--segments"),
+    (["bench", "--batch-size", "0"], "--batch-size"),
+    (["flops", "--lengths", "512,-1"], "--lengths"),
+    (["flops", "--num-mem-tokens", "-1"], "--num-mem-tokens"),
+    (["train", "out", "--lr", "nan"], "--lr"),
+    (["train", "out", "--lr", "0"], "--lr"),
+    (["train", "out", "--dropout", "1.5"], "--dropout"),
+    (["train", "out", "--stage-steps", "0"], "--stage-steps"),
+    (["train", "out", "--bptt-depth", "-2"], "--bptt-depth"),
+    (["train", "out", "--task", "memorise"], "--task"),
+    (["attention-maps", "--model", "m", "--out", "o", "--task-segments", "0"], "--task-segments"),
+])
+def test_numeric_flags_are_checked_at_parse_time(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)  # parsing only: a bad value must never reach a run
+    assert e.value.code == 2
+    assert f"argument {flag}: must be" in capsys.readouterr().err
+
+
+# -- output folders: checked before any compute ----------------------------------------------------
+
+def _no_compute(monkeypatch):
+    """Make every command's compute fail loudly, so a test sees that it was never reached."""
+    def boom(*a, **k):
+        raise AssertionError("computed before checking --out")
+    import rmt_fast.analysis.attention_maps_cli as amc
+    import rmt_fast.analysis.flops as flops
+    import rmt_fast.bench as bench
+    import rmt_fast.evaluate as evaluate
+    import rmt_fast.train as train
+    from rmt_fast.model import RMTForSequenceClassification
+    for mod, name in ((evaluate, "evaluate_model"), (bench, "builtin_model"), (flops, "scaling_table"),
+                      (amc, "attention_maps"), (train, "build_model")):
+        monkeypatch.setattr(mod, name, boom)
+    monkeypatch.setattr(RMTForSequenceClassification, "from_pretrained", classmethod(boom))
+    monkeypatch.setattr(RMTForSequenceClassification, "load", classmethod(boom))
+
+
+@pytest.mark.parametrize("command", [["evaluate", "--no-progress"], ["bench"], ["flops"],
+                                     ["attention-maps", "--model", "m"]])
+@pytest.mark.parametrize("bad", ["file", "/proc/rmt-fast-x"])
+def test_bad_out_fails_before_compute(command, bad, tmp_path, monkeypatch, capsys):
+    _no_compute(monkeypatch)
+    out = tmp_path / "a-file" if bad == "file" else bad
+    (tmp_path / "a-file").write_text("keep me")
+    assert main(command + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out}:") and err.count("\n") == 1
+    assert (tmp_path / "a-file").read_text() == "keep me"
+
+
+def test_train_out_dir_that_is_a_file_or_holds_other_files(tmp_path, monkeypatch, capsys):
+    _no_compute(monkeypatch)
+    (tmp_path / "a-file").write_text("x")
+    assert main(["train", str(tmp_path / "a-file"), "--no-progress"]) == 2
+    assert "OUT_DIR" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    assert main(["train", str(tmp_path / "full"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'full'} is not empty: pass --resume to continue it\n"
+
+
+def test_errors_of_flops_and_attention_maps_go_to_stderr(tmp_path, capsys):
+    assert main(["flops", "--models", "nope", "--no-plot"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and "nope" in err
+    assert main(["attention-maps", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and "none" in err
+
+
+# -- files that cannot be loaded: one line naming the file, status 2 -------------------------------
+
+def _one_error_line(capsys, *needles):
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    for n in needles:
+        assert n in err, err
+    assert "Traceback" not in err and "weights_only=False" not in err
+    return err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_safetensors_is_named(model_dir, tmp_path, damage, capsys):
+    _, d = model_dir
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes({"truncated": data[:len(data) // 2], "garbage": b"\x07" * 300, "empty": b""}[damage])
+    doc = tmp_path / "t.txt"
+    doc.write_text("the cat sat")
+    assert main(["classify", "--model", str(d), "--input", str(doc), "--no-progress"]) == 2
+    _one_error_line(capsys, f"{f}: truncated or not a safetensors file")
+    assert main(["demo", "--model", str(d), "--tokens", "10"]) == 2
+    _one_error_line(capsys, f"{f}: truncated or not a safetensors file")
+    assert main(["evaluate", str(d), "--out", str(tmp_path / "ev"), "--no-progress"]) == 2
+    _one_error_line(capsys, f"{f}: truncated or not a safetensors file")
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("[1, 2]", "expected a JSON object, found a list"),
+    ("{\"format\": ", "not valid JSON"),
+    ("\xff\xfe", "not valid JSON"),
+])
+def test_bad_config_json_is_named(model_dir, tmp_path, content, problem, capsys):
+    _, d = model_dir
+    (d / "config.json").write_bytes(content.encode("latin-1"))
+    doc = tmp_path / "t.txt"
+    doc.write_text("the cat")
+    assert main(["classify", "--model", str(d), "--input", str(doc), "--no-progress"]) == 2
+    _one_error_line(capsys, f"{d / 'config.json'}: {problem}")
+
+
+def test_config_json_without_model_type(model_dir, tmp_path, capsys):
+    _, d = model_dir
+    meta = json.loads((d / "config.json").read_text())
+    del meta["backbone"]["model_type"]
+    (d / "config.json").write_text(json.dumps(meta))
+    doc = tmp_path / "t.txt"
+    doc.write_text("the cat")
+    assert main(["classify", "--model", str(d), "--input", str(doc), "--no-progress"]) == 2
+    _one_error_line(capsys, str(d / "config.json"), "no 'model_type'")
+
+
+def test_reference_checkpoint_problems_are_named(tmp_path, capsys):
+    from test_checkpoints import backbone_config, write_reference_checkpoint
+
+    cfg = tmp_path / "config.json"
+    backbone_config().to_json_file(str(cfg))
+    doc = tmp_path / "t.txt"
+    doc.write_text("the cat")
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[CLS]", "[SEP]", "[UNK]"] + [f"w{i}" for i in range(56)]) + "\n")
+
+    def classify(model, backbone=cfg):
+        return main(["classify", "--model", str(model), "--backbone-config", str(backbone), "--tokenizer",
+                     str(vocab), "--input", str(doc), "--no-progress"])
+
+    random_pth = tmp_path / "random.pth"
+    random_pth.write_bytes(bytes(range(256)) * 8)
+    assert classify(random_pth) == 2
+    _one_error_line(capsys, f"{random_pth}: not a checkpoint that can be loaded safely")
+    import argparse
+    evil = tmp_path / "evil.pth"
+    torch.save({"model_state_dict": {}, "obj": argparse.Namespace(x=1)}, evil)
+    assert classify(evil) == 2
+    _one_error_line(capsys, f"{evil}: not a checkpoint that can be loaded safely", "Python objects")
+
+    good = tmp_path / "model_best.pth"
+    write_reference_checkpoint(good)
+    ckpt = torch.load(good, weights_only=True)
+    for key, value, problem in (("cls_token", None, "'cls_token' must be a non-empty 1-D integer tensor, found missing"),
+                                ("mem_token_ids", torch.zeros(0, dtype=torch.int64), "'mem_token_ids' must be a non-empty")):
+        broken = {k: v for k, v in ckpt["model_state_dict"].items() if k != key}
+        if value is not None:
+            broken[key] = value
+        path = tmp_path / f"no-{key}.pth"
+        torch.save({"model_state_dict": broken}, path)
+        assert classify(path) == 2
+        _one_error_line(capsys, f"{path}: {problem}")
+    for content, problem in (("[]", "expected a JSON object"), ("{\"hidden_size\": 4}", "no 'model_type'"),
+                             ("{oops", "not valid JSON")):
+        cfg.write_text(content)
+        assert classify(good) == 2
+        _one_error_line(capsys, f"{cfg}", problem)
+
+
+def test_closed_pipe_exits_quietly():
+    """`rmt-fast flops | head -1`: the reader goes away; no traceback, the status of a SIGPIPE death."""
+    p = subprocess.Popen([sys.executable, "-m", "rmt_fast", "flops", "--models", "all"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader has gone before the first line is written
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and err == ""

@@ -108,3 +108,69 @@ def test_sharded_over_two_processes_equals_one(model_dir, tmp_path):
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert strip(two["rows"]) == strip(one["rows"])
     assert [r["samples"] for r in two["rows"]] == [7, 7]
+
+
+def test_accuracy_of_the_shipped_model_on_memorize_at_one_segment():
+    """A model of known behaviour: the shipped default model answers Memorize at one segment (measured
+    60 of 60 on the test split). The labels of these samples cover every class, so a predicted label off
+    by one, or compared with the wrong sample's label, gives an accuracy near zero."""
+    from rmt_fast.model import RMTForSequenceClassification
+
+    d = E.default_model_dir()
+    model = RMTForSequenceClassification.from_pretrained(d)
+    tok = T.load_tokenizer(d)
+    rows = E.evaluate_model(model, tok, "memorize", [1], samples=48, batch_size=16, name="default")
+    _, labels = T.TaskGenerator("memorize", tok, model.config, split="test", seed=1234).batch(1, range(48))
+    assert len(set(labels.tolist())) == len(T.LABEL_NAMES)
+    assert rows[0].samples == 48 and rows[0].accuracy >= 0.95, rows[0]
+
+
+def test_one_engine_per_model_and_run(model_dir, tmp_path, monkeypatch):
+    import rmt_fast.engine as engine_module
+
+    built = []
+
+    class CountingEngine(engine_module.Engine):
+        def __init__(self, *a, **k):
+            built.append(1)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(engine_module, "Engine", CountingEngine)
+    parser = argparse.ArgumentParser()
+    E.add_cli(parser.add_subparsers())
+    # 3 lengths x 2 tasks, 5 samples in chunks of 2 documents: one Engine for all of it.
+    args = parser.parse_args(["evaluate", str(model_dir), "--task", "memorize", "--task", "detect", "--lengths",
+                              "1,2,3", "--samples", "5", "--batch-size", "2", "--out", str(tmp_path / "ev"),
+                              "--no-progress", "--no-plot"])
+    assert args.func(args) == 0
+    assert len(built) == 1
+
+
+def test_table_printed_before_a_failing_write(model_dir, tmp_path, monkeypatch, capsys):
+    from rmt_fast import files
+    from rmt_fast.cli import main
+
+    def disk_full(path, text):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(files, "write_text", disk_full)
+    code = main(["evaluate", f"mine={model_dir}", "--task", "detect", "--lengths", "1", "--samples", "3",
+                 "--out", str(tmp_path / "ev"), "--no-progress", "--no-plot"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "| mine | detect | 1 |" in out
+    assert err.startswith("error: [Errno 28] No space left on device") and "accuracy.json" in err
+
+
+def test_missing_matplotlib_fails_before_compute(model_dir, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from rmt_fast.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.setattr(E, "evaluate_model", lambda *a, **k: pytest.fail("computed before the check"))
+    assert main(["evaluate", str(model_dir), "--out", str(tmp_path / "ev"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "plots need matplotlib" in err and "rmt_fast[plot]" in err and "--no-plot" in err
+    monkeypatch.setattr(E, "evaluate_model", lambda *a, **k: [])
+    assert main(["evaluate", str(model_dir), "--out", str(tmp_path / "ev"), "--no-progress", "--no-plot"]) == 0
+    assert sorted(p.name for p in (tmp_path / "ev").iterdir()) == ["accuracy.json", "accuracy.md"]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from rmt_fast import tasks as T
 from rmt_fast.model import RMTForSequenceClassification
-from rmt_fast.train import TrainConfig, add_cli, evaluate_accuracy, train
+from rmt_fast.train import TrainConfig, add_cli, evaluate_accuracy, read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
 BERT_CASED = str(ROOT / "rmt_fast" / "data" / "bert-base-cased")
@@ -75,7 +75,8 @@ def test_curriculum_stages_start_from_previous_best(learned):
     # The final model is the last stage's best, with the tokenizer beside it.
     assert all(torch.equal(a, b) for a, b in zip(weights(final).values(),
                                                   weights(Path(cfg.out_dir) / "stages/2/best").values()))
-    assert (final / "vocab.txt").is_file()
+    docs = ["Mary went to the garden.", "Where is Mary?"]
+    assert T.load_tokenizer(final)(docs)["input_ids"] == T.load_tokenizer(BERT_CASED)(docs)["input_ids"]
 
 
 def test_stage_ends_on_threshold_or_budget(tmp_path):
@@ -109,15 +110,13 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_reference_export_loads_back(learned):
     from transformers import AutoConfig
 
-    from rmt_fast.checkpoints import from_reference_checkpoint
-
     _, final = learned
     meta = json.loads((final / "config.json").read_text())
     backbone = dict(meta["backbone"])
     bconf = AutoConfig.for_model(backbone.pop("model_type"), **backbone)
     state = torch.load(final / "model_best.pth", weights_only=True)["model_state_dict"]
     assert torch.equal(state["model.embeddings.weight"], state["model.bert.embeddings.word_embeddings.weight"])
-    ref = from_reference_checkpoint(final / "model_best.pth", bconf, input_size=meta["rmt"]["input_size"],
+    ref = RMTForSequenceClassification.from_reference_checkpoint(final / "model_best.pth", bconf, input_size=meta["rmt"]["input_size"],
                                     label_names=T.LABEL_NAMES)
     ours = RMTForSequenceClassification.from_pretrained(final)
     docs = [torch.randint(1000, 20000, (n,)) for n in (5, 17, 40)]
@@ -166,3 +165,109 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
     la = [m["loss"] for m in metrics(tmp_path / "ddp") if m["event"] == "train"]
     lb = [m["loss"] for m in metrics(tmp_path / "one") if m["event"] == "train"]
     assert la == pytest.approx(lb, rel=1e-4)
+
+
+# -- resuming what was started, after a stop or a kill ----------------------------------------------
+
+RESUME_KW = dict(dropout=0.1, stage_steps=4, eval_every=2, log_every=1)
+
+
+def test_resume_refuses_a_changed_flag(tmp_path):
+    out = tmp_path / "run"
+    train(tiny(out, stop_after=2, **RESUME_KW))
+    saved = (out / "train_config.json").read_text()
+    with pytest.raises(ValueError, match=r"--resume: --lr changed from 0\.001 to 0\.0005"):
+        train(tiny(out, lr=5e-4, **RESUME_KW), resume=True)
+    with pytest.raises(ValueError, match=r"--task changed from \['memorize'\] to \['memorize', 'detect'\]"):
+        train(tiny(out, task=("memorize", "detect"), **RESUME_KW), resume=True)
+    assert (out / "train_config.json").read_text() == saved
+    # Flags that cannot change the result may change.
+    assert train(tiny(out, stop_after=3, threads=1, progress=False, **RESUME_KW), resume=True) == out / "last"
+
+
+def _comparable(records):
+    keys = ("event", "stage", "step", "steps", "loss", "accuracy", "val_accuracy", "best", "reason")
+    return [{k: r[k] for k in keys if k in r} for r in records if r["event"] != "resume"]
+
+
+KILL_SCRIPT = """
+import json, os, sys
+from rmt_fast.train import TrainConfig, train
+where, seen = sys.argv[2], []
+real_rename, real_replace = os.rename, os.replace
+def maybe_die(src, dst):
+    # The second save of last/ (stage 2, step 2): die as SIGKILL would, at the chosen instant.
+    if where == "between-renames" and str(src).endswith("last.new") and str(dst).endswith("last"):
+        seen.append(dst)
+    if where == "writing-new" and str(dst).endswith(os.path.join("last.new", "train_state.pt")):
+        seen.append(dst)
+    if len(seen) == 2:
+        os.kill(os.getpid(), 9)
+os.rename = lambda a, b: (maybe_die(a, b), real_rename(a, b))[1]
+os.replace = lambda a, b: (maybe_die(a, b), real_replace(a, b))[1]
+train(TrainConfig(**json.loads(sys.argv[1])))
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "run"
+    return train(tiny(out, **RESUME_KW)), out
+
+
+@pytest.mark.parametrize("where", ["between-renames", "writing-new"])
+def test_killed_checkpoint_swap_resumes_the_same_run(tmp_path, where, uninterrupted, capsys):
+    import dataclasses
+
+    whole_final, whole = uninterrupted
+    out = tmp_path / "run"
+    cfg = tiny(out, **RESUME_KW)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-c", KILL_SCRIPT, json.dumps(dataclasses.asdict(cfg)), where], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9, r.stderr[-3000:]
+    final = train(cfg, resume=True)
+    err = capsys.readouterr().err
+    resumed = [m for m in metrics(out) if m["event"] == "resume"]
+    if where == "between-renames":
+        # last/ was gone: the complete new copy (stage 2, step 2) is recovered, and the user is told.
+        assert "recovered it from last.new" in err
+        assert [(m["stage"], m["step"]) for m in resumed] == [(2, 2)] and resumed[0]["recovered"]
+    else:
+        # killed while last.new was written: last/ (stage 1, step 2) is complete and continues.
+        assert "recovered" not in err
+        assert [(m["stage"], m["step"], m["recovered"]) for m in resumed] == [(1, 2, [])]
+    a, b = weights(whole_final), weights(final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in out.iterdir()) == ["final", "last", "metrics.jsonl", "stages", "train_config.json"]
+    # The replayed steps are in the file twice; read_metrics counts each once, as the whole run logged it.
+    assert _comparable(read_metrics(out / "metrics.jsonl")) == _comparable(metrics(whole))
+    if where == "writing-new":
+        assert len(metrics(out)) > len(read_metrics(out / "metrics.jsonl"))
+
+
+def test_resume_with_a_truncated_checkpoint_names_the_file(tmp_path, capsys):
+    from rmt_fast.cli import main
+
+    out = tmp_path / "run"
+    cfg = tiny(out, stop_after=2, **RESUME_KW)
+    train(cfg)
+    f = out / "last" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    args = [str(out), "--resume", "--task", "memorize", "--backbone", BERT_CASED, "--random-init",
+            "--num-layers", "1", "--hidden-size", "64", "--num-heads", "4", "--intermediate-size", "128",
+            "--dropout", "0.1", "--input-size", "20", "--num-mem-tokens", "2", "--max-segments", "2",
+            "--stage-steps", "4", "--eval-every", "2", "--val-samples", "16", "--batch-size", "8", "--lr", "1e-3",
+            "--warmup-steps", "2", "--threshold", "1.01", "--log-every", "1", "--no-progress", "--stop-after", "2"]
+    assert main(["train"] + args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {f}: truncated or not a safetensors file") and err.count("\n") == 1
+
+
+def test_read_metrics_takes_the_last_record_of_each_step(tmp_path):
+    lines = [{"event": "train", "stage": 1, "step": 1, "loss": 3.0}, {"event": "train", "stage": 1, "step": 2, "loss": 2.5},
+             {"event": "resume", "stage": 1, "step": 1}, {"event": "train", "stage": 1, "step": 2, "loss": 2.4},
+             {"event": "eval", "stage": 1, "step": 2, "val_accuracy": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    got = [(r["event"], r["step"], r.get("loss")) for r in read_metrics(tmp_path / "metrics.jsonl")]
+    assert got == [("train", 1, 3.0), ("resume", 1, None), ("train", 2, 2.4), ("eval", 2, None)]

@@ -33,11 +33,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Union
+
+from .. import files, plotting
+from ..cli_args import check_output_dir, nonnegative_int, positive_int, positive_int_list
 
 TERMS = ("embeddings", "kqv", "attention_logits", "softmax", "reduction", "output_projection",
          "dense", "final_logits")
@@ -291,9 +294,7 @@ def plot_scaling(configs: Sequence, path: Union[str, os.PathLike], layout: RMTLa
 
     Solid lines are full attention, dashed lines RMT, one colour per model.
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plotting.pyplot()
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter
 
@@ -332,18 +333,10 @@ def plot_scaling(configs: Sequence, path: Union[str, os.PathLike], layout: RMTLa
     fig.suptitle(f"Forward FLOPs (Hoffmann et al. 2022, app. F): RMT segments of {layout.input_size} positions, "
                  f"{layout.segment_text_len} text tokens each")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plotting.savefig(fig, path, dpi=120)
 
 
 # -- CLI ----------------------------------------------------------------------------------------
-
-def _int_list(text: str) -> List[int]:
-    try:
-        return [int(x.replace("_", "")) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -355,14 +348,14 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                         "to Hugging Face config.json files / model directories (default: Figure 3's five)")
     p.add_argument("--figure-models",
                    help="the models drawn in flops.png, same syntax as --models (default: --models)")
-    p.add_argument("--lengths", type=_int_list, default=list(DEFAULT_LENGTHS),
+    p.add_argument("--lengths", type=positive_int_list, default=list(DEFAULT_LENGTHS),
                    help="comma-separated input lengths in tokens for the table")
     p.add_argument("--layout", choices=sorted(LAYOUTS), default="rmt-fast",
                    help="'rmt-fast': 512 positions = 10 memory + 3 special + 499 text; 'report': 512 text "
                         "tokens per 512-position pass (the report's Figure 3 axis)")
-    p.add_argument("--input-size", type=int, help="positions per RMT segment (overrides the layout)")
-    p.add_argument("--num-mem-tokens", type=int, help="memory tokens per segment (overrides the layout)")
-    p.add_argument("--special-tokens", type=int, help="special tokens per segment (overrides the layout)")
+    p.add_argument("--input-size", type=positive_int, help="positions per RMT segment (overrides the layout)")
+    p.add_argument("--num-mem-tokens", type=nonnegative_int, help="memory tokens per segment (overrides the layout)")
+    p.add_argument("--special-tokens", type=nonnegative_int, help="special tokens per segment (overrides the layout)")
     p.add_argument("--no-embeddings", action="store_true", help="leave out the input-embedding term")
     p.add_argument("--no-logits", action="store_true", help="leave out the final-logits term")
     p.add_argument("--out", help="directory for flops.json, flops.md and flops.png")
@@ -387,10 +380,11 @@ def run(args) -> int:
             special_tokens=args.special_tokens if args.special_tokens is not None else base.special_tokens)
         shapes = _shapes(args.models)
         figure_shapes = _shapes(args.figure_models) if args.figure_models else shapes
-        if not args.lengths or min(args.lengths) < 1:
-            raise ValueError("lengths must be positive")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"rmt-fast flops: {e}")
+        out = check_output_dir(args.out, "--out") if args.out else None
+        if out is not None and not args.no_plot:
+            plotting.require_matplotlib()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     kw = dict(layout=layout, include_embeddings=not args.no_embeddings, include_logits=not args.no_logits)
     rows = scaling_table(shapes, args.lengths, **kw)
@@ -399,17 +393,15 @@ def run(args) -> int:
           f"{layout.special_tokens} special + {layout.segment_text_len} text tokens; "
           f"embeddings {'in' if kw['include_embeddings'] else 'out'}, "
           f"final logits {'in' if kw['include_logits'] else 'out'}")
-    print(table)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    print(table, flush=True)
+    if out is not None:
         meta = {"method": "Hoffmann et al. 2022 appendix F, forward pass",
                 "layout": dataclasses.asdict(layout), "segment_text_len": layout.segment_text_len,
                 "include_embeddings": kw["include_embeddings"], "include_logits": kw["include_logits"],
                 "baseline_len": 512, "models": [dataclasses.asdict(s) for s in shapes],
                 "rows": [r.to_dict() for r in rows]}
-        (out / "flops.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        (out / "flops.md").write_text(table + "\n", encoding="utf-8")
+        files.write_text(out / "flops.json", json.dumps(meta, indent=2))
+        files.write_text(out / "flops.md", table + "\n")
         if not args.no_plot:
             plot_scaling(figure_shapes, out / "flops.png", **kw)
         print(f"wrote {out / 'flops.json'}, {out / 'flops.md'}" + ("" if args.no_plot else f", {out / 'flops.png'}"))
