@@ -3,8 +3,8 @@
 The curriculum (section 4 of the report): train at ``min_segments`` segments; a stage ends when the
 validation accuracy reaches ``threshold`` or the stage's step budget runs out; the next stage has one
 more segment and starts from the previous stage's *best* checkpoint, with a fresh AdamW and a fresh
-linear warm-up/decay schedule. Gradients flow through the memory across all segments, or the last
-``bptt_depth`` ones.
+linear warm-up/decay schedule. Gradients flow through the memory across all segments (``bptt_depth=-1``), or
+through the current segment and the ``bptt_depth`` before it.
 
 Output directory::
 
