@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -144,35 +145,43 @@ if triton is not None:
     _attn_fwd_fixed = triton.heuristics(_HEURISTICS)(_attn_fwd_kernel)
 
     # (BLOCK_M, BLOCK_N, num_warps, num_stages). Long query blocks: the neighbourhood of the defaults, as in
-    # Triton's fused-attention tutorial. Short ones (subset mode): the smallest BLOCK_M covering Tq.
+    # Triton's fused-attention tutorial. Short ones (subset mode): the smallest BLOCK_M covering Tq. Small:
+    # the only tiles that fit the register budget of a dot without tensor cores (float32 "ieee", pre-Ampere).
     _TUNE_LONG = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3),
-                  (128, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4)]
+                  (128, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4),
+                  (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2)]
     _TUNE_SHORT = [(bm, bn, 4, s) for bm in (16, 32, 64) for bn in (32, 64, 128) for s in (2, 3)]
+    _TUNE_SMALL = [(16, 16, 4, 2), (16, 32, 4, 2), (16, 16, 8, 2), (16, 32, 8, 2)]
 
     def _config_tuple(c):
         return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
 
+    def _target_of(named_args):
+        """(compute capability as 80/90/..., dtype) of the launch's inputs, or None without a GPU target."""
+        q = named_args.get("Q")
+        if q is None or _INTERPRETED or not getattr(q, "is_cuda", False):
+            return None
+        major, minor = torch.cuda.get_device_capability(q.device)
+        return 10 * major + minor, q.dtype
+
     def _prune_configs(configs, named_args, **kwargs):
-        """Keep the configs that fit the shape: at most 8 are benchmarked per key."""
-        tq, tk, d = named_args["Tq"], named_args["Tk"], kwargs["HEAD_DIM"]
-        bm_fit = max(16, min(128, triton.next_power_of_2(tq)))
-        bn_max = max(32, min(128, triton.next_power_of_2(tk)))
-        kept = []
-        for c in configs:
-            bm, bn, warps, stages = _config_tuple(c)
-            if bm_fit == 128:
-                fits = (bm, bn, warps, stages) in _TUNE_LONG
-            else:
-                fits = bm == bm_fit and (bm, bn, warps, stages) in _TUNE_SHORT
-            if fits and bn <= bn_max and not (d == 128 and bm * bn > 128 * 64):  # d=128: smem, registers
-                kept.append(c)
-        return kept or configs[:1]
+        """Keep the configs that fit the shape and the GPU's limits: at most 8 are benchmarked per key."""
+        target = _target_of(named_args)
+        cc, dtype = target if target is not None else (None, None)
+        kept_tuples = prune_for_target([_config_tuple(c) for c in configs], named_args["Tq"], named_args["Tk"],
+                                       kwargs["HEAD_DIM"], dtype, cc)
+        kept = [c for c in configs if _config_tuple(c) in kept_tuples]
+        if kept:
+            return kept
+        cfg = _default_config(named_args["Tq"], _MAX_GRID_Y, kwargs["HEAD_DIM"], None, dtype or torch.float16, cc)
+        return [triton.Config({"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}, num_warps=cfg["num_warps"],
+                              num_stages=cfg["num_stages"])]
 
     # Keyed on (Tk, head_dim) as issue 3 asks, plus Tq: subset mode (Tq = M + 1) and full blocks want
     # different BLOCK_M, and an engine sees only those two Tq per Tk. The autotuner adds the dtypes itself.
     _attn_fwd_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                 for bm, bn, w, s in dict.fromkeys(_TUNE_LONG + _TUNE_SHORT)],
+                 for bm, bn, w, s in dict.fromkeys(_TUNE_LONG + _TUNE_SHORT + _TUNE_SMALL)],
         key=["Tq", "Tk", "HEAD_DIM"],
         prune_configs_by={"early_config_prune": _prune_configs},
     )(triton.heuristics(_HEURISTICS)(_attn_fwd_kernel))
@@ -189,16 +198,145 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _default_config(tq: int, bh: int, head_dim: int, device: torch.device) -> dict:
-    """Fixed block sizes when not autotuning (always, under the interpreter)."""
+@dataclass(frozen=True)
+class TargetLimits:
+    """Per-SM limits of one compute capability (CUDA C Programming Guide, "Technical Specifications per
+    Compute Capability"; shared memory per block is the opt-in maximum)."""
+
+    smem_per_block: int
+    smem_per_sm: int
+    regs_per_sm: int = 65536
+    max_threads_per_sm: int = 2048
+    max_blocks_per_sm: int = 32
+    smem_reserved_per_block: int = 0   # the driver keeps 1 KiB per block from sm_80 on
+
+
+TARGET_LIMITS = {
+    61: TargetLimits(48 * 1024, 96 * 1024),
+    75: TargetLimits(64 * 1024, 64 * 1024, max_threads_per_sm=1024, max_blocks_per_sm=16),
+    80: TargetLimits(163 * 1024, 164 * 1024, smem_reserved_per_block=1024),
+    86: TargetLimits(99 * 1024, 100 * 1024, max_threads_per_sm=1536, max_blocks_per_sm=16,
+                     smem_reserved_per_block=1024),
+    89: TargetLimits(99 * 1024, 100 * 1024, max_threads_per_sm=1536, max_blocks_per_sm=24,
+                     smem_reserved_per_block=1024),
+    90: TargetLimits(227 * 1024, 228 * 1024, smem_reserved_per_block=1024),
+}
+
+# Registers a thread may give to the tiles it holds (the float32 accumulator and scores, the query operand),
+# out of 255: the rest goes to addresses, the softmax and software pipelining. Set from the compiled
+# kernel's ptxas counts (benchmarks/kernel_report.py, docs/KERNELS.md): with tensor cores (float16/bfloat16
+# on sm_80+) 80 tile registers compile without spills and 128 spill; without them (float32 "ieee" dots, and
+# Triton's pre-Ampere code) the dot broadcasts its operands and 20 is the most seen spill-free on sm_80.
+TENSOR_CORE_TILE_REGS = 96
+FMA_TILE_REGS = 20
+
+
+def target_limits(capability: int) -> TargetLimits:
+    """The limits of the newest listed capability <= ``capability`` (e.g. 87 -> sm_86's)."""
+    known = [cc for cc in TARGET_LIMITS if cc <= capability]
+    if not known:
+        raise ValueError(f"compute capability {capability} is older than any listed ({sorted(TARGET_LIMITS)})")
+    return TARGET_LIMITS[max(known)]
+
+
+def uses_tensor_cores(dtype: torch.dtype, capability: Optional[int]) -> bool:
+    """Whether the kernel's dots run on mma (float16/bfloat16 from sm_80; float32 is 'ieee', never TF32)."""
+    return dtype != torch.float32 and (capability is None or capability >= 80)
+
+
+def tile_registers(block_m: int, block_n: int, num_warps: int, head_dim: int, elem_bytes: int) -> float:
+    """32-bit registers per thread holding the accumulator [M, D] and scores [M, N] (float32), and q [M, D]."""
+    words = block_m * head_dim + block_m * block_n + block_m * head_dim * elem_bytes / 4
+    return words / (32 * num_warps)
+
+
+def shared_memory_estimate(block_m: int, block_n: int, num_stages: int, head_dim: int, elem_bytes: int) -> int:
+    """An upper bound on the kernel's shared memory: K and V tiles per pipeline stage, plus one float32
+    [M, N] tile of layout-conversion scratch (checked against the compiled size by the kernel report)."""
+    return num_stages * 2 * block_n * head_dim * elem_bytes + block_m * block_n * 4
+
+
+def config_fits(block_m: int, block_n: int, num_warps: int, num_stages: int, head_dim: int,
+                dtype: torch.dtype, capability: int) -> Optional[str]:
+    """None if the config fits the target's shared memory and register budget, else why not."""
+    elem = torch.tensor([], dtype=dtype).element_size()
+    smem = shared_memory_estimate(block_m, block_n, num_stages, head_dim, elem)
+    limit = target_limits(capability).smem_per_block
+    if smem > limit:
+        return f"shared memory {smem} B > sm_{capability}'s {limit} B per block"
+    budget = TENSOR_CORE_TILE_REGS if uses_tensor_cores(dtype, capability) else FMA_TILE_REGS
+    regs = tile_registers(block_m, block_n, num_warps, head_dim, elem)
+    if regs > budget:
+        return f"{regs:.0f} tile registers per thread > {budget} (it would spill)"
+    return None
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def prune_for_target(configs, tq: int, tk: int, head_dim: int, dtype: Optional[torch.dtype] = None,
+                     capability: Optional[int] = None) -> list:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples worth timing for this shape on this target.
+
+    Without a target (``capability`` None: no GPU) only the shape decides, as before.
+    """
+    bm_fit = max(16, min(128, _next_pow2(tq)))
+    bn_max = max(32, min(128, _next_pow2(tk)))
+    small = capability is not None and not uses_tensor_cores(dtype, capability)
+    kept = []
+    for bm, bn, warps, stages in configs:
+        if small:
+            fits = (bm, bn, warps, stages) in _TUNE_SMALL
+        elif bm_fit == 128:
+            fits = (bm, bn, warps, stages) in _TUNE_LONG
+        else:
+            fits = bm == bm_fit and (bm, bn, warps, stages) in _TUNE_SHORT
+        if not fits or bn > bn_max:
+            continue
+        if capability is None:
+            fits = not (head_dim == 128 and bm * bn > 128 * 64)  # shape only: the old smem/register guard
+        else:
+            fits = config_fits(bm, bn, warps, stages, head_dim, dtype, capability) is None
+        if fits:
+            kept.append((bm, bn, warps, stages))
+    return kept[:8]
+
+
+def _default_config(tq: int, bh: int, head_dim: int, device: Optional[torch.device],
+                    dtype: torch.dtype = torch.float16, capability: Optional[int] = None) -> dict:
+    """Fixed block sizes when not autotuning (always, under the interpreter).
+
+    On a GPU (or for an explicit ``capability``, as the kernel report asks) the tiles are shrunk until they
+    fit the target's register budget and shared memory; without a target only the shape decides.
+    """
+    on_gpu = device is not None and device.type == "cuda" and not _INTERPRETED
+    if capability is None and on_gpu:
+        major, minor = torch.cuda.get_device_capability(device)
+        capability = 10 * major + minor
     block_n = 64
-    block_m = max(16, min(128, triton.next_power_of_2(tq)))
+    block_m = max(16, min(128, _next_pow2(tq)))
     # Few programs (batch 1) leave SMs idle at BLOCK_M=128: halve it to double the programs.
-    if block_m == 128 and device.type == "cuda" and not _INTERPRETED:
-        if triton.cdiv(tq, 128) * bh < _sm_count(device.index if device.index is not None else 0):
+    if block_m == 128 and on_gpu:
+        if -(-tq // 128) * bh < _sm_count(device.index if device.index is not None else 0):
             block_m = 64
-    num_warps = 8 if (block_m == 128 and head_dim == 128) else 4
     num_stages = 2 if head_dim == 128 else 3
+    if capability is None:
+        num_warps = 8 if (block_m == 128 and head_dim == 128) else 4
+        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
+    if not uses_tensor_cores(dtype, capability):
+        block_m, block_n, num_stages = 16, (32 if head_dim <= 64 else 16), 2
+    elem = torch.tensor([], dtype=dtype).element_size()
+    budget = TENSOR_CORE_TILE_REGS if uses_tensor_cores(dtype, capability) else FMA_TILE_REGS
+    # More warps before smaller tiles: a tile that fits in 8 warps keeps its K/V reuse.
+    while True:
+        num_warps = next((w for w in (4, 8) if tile_registers(block_m, block_n, w, head_dim, elem) <= budget), 8)
+        if tile_registers(block_m, block_n, num_warps, head_dim, elem) <= budget or block_m == 16:
+            break
+        block_m //= 2
+    limit = target_limits(capability).smem_per_block
+    while shared_memory_estimate(block_m, block_n, num_stages, head_dim, elem) > limit and num_stages > 1:
+        num_stages -= 1
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
 
 
@@ -306,7 +444,7 @@ def _launch(args: tuple, consts: dict, tq: int, bh: int, head_dim: int, device: 
         grid = lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), bh)  # noqa: E731
         _attn_fwd_tuned[grid](*args, **consts)
     else:
-        cfg = _default_config(tq, bh, head_dim, device)
+        cfg = _default_config(tq, bh, head_dim, device, args[0].dtype)
         grid = (triton.cdiv(tq, cfg["BLOCK_M"]), bh)
         _attn_fwd_fixed[grid](*args, **consts, **cfg)
 
