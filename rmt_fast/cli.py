@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 COMMAND_MODULES = ["rmt_fast.demo", "rmt_fast.bench", "rmt_fast.train", "rmt_fast.evaluate", "rmt_fast.analysis.flops",
-                   "rmt_fast.analysis.attention_maps"]
+                   "rmt_fast.analysis.attention_maps", "rmt_fast.perfmodel"]
 
 
 # -- classify -------------------------------------------------------------------------------------
