@@ -47,7 +47,7 @@ def dtypes_for(cc: int):
     return ("fp32", "fp16") if cc < 80 else ("fp32", "fp16", "bf16")   # no bf16 before sm_80
 
 
-def variants(cc: int, dtype: str, head_dim: int, ci: bool):
+def variants(cc: int, dtype: str, head_dim: int, ci: bool, autotune: bool = False):
     """(label, config tuple, constexpr flags) for one target/dtype/head_dim; config = (BM, BN, warps, stages)."""
     import torch
     from rmt_fast.kernels import attention as A
@@ -70,7 +70,7 @@ def variants(cc: int, dtype: str, head_dim: int, ci: bool):
             ("default subset (Tq = 11), key lengths", short_default, masked),
             ("before: shape-only default, key lengths", before, masked)]
     tuples = list(dict.fromkeys(A._TUNE_LONG + A._TUNE_SHORT + A._TUNE_SMALL))
-    for tq in (TK, TQ_SUBSET):
+    for tq in (TK, TQ_SUBSET) if autotune else ():
         for c in A.prune_for_target(tuples, tq, TK, head_dim, tdt, cc):
             if c not in (long_default, short_default):
                 out.append((f"autotune (Tq = {tq}), key lengths", c, masked))
@@ -261,6 +261,9 @@ def main(argv=None) -> int:
     p.add_argument("--ci", action="store_true", help="default configs only; exit 1 on an error, spill or smem excess")
     p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/KERNELS.md")
     p.add_argument("--jobs", type=int, default=2, help="compiler processes")
+    p.add_argument("--autotune", default="80:fp16,90:bf16",
+                   help="target:dtype pairs whose pruned autotune configs are compiled too ('all' for every one; "
+                        "each costs ~10 compiles per head_dim)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("kernel_report: unset TRITON_INTERPRET (the kernel must be compiled, not interpreted)", file=sys.stderr)
@@ -274,8 +277,9 @@ def main(argv=None) -> int:
     if bad:
         print(f"kernel_report: --targets {bad} not among {TARGETS}", file=sys.stderr)
         return 2
+    tuned = {(int(t.split(":")[0]), t.split(":")[1]) for t in args.autotune.split(",") if ":" in t}
     jobs = [(cc, dt, d, label, cfg, flags) for cc in targets for dt in dtypes_for(cc) for d in HEAD_DIMS
-            for label, cfg, flags in variants(cc, dt, d, args.ci)]
+            for label, cfg, flags in variants(cc, dt, d, args.ci, args.autotune == "all" or (cc, dt) in tuned)]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         rows = list(pool.map(compile_one, jobs))
