@@ -3,8 +3,8 @@
     python benchmarks/bench_plan.py [--layers 2] [--out benchmarks/results/plan.json] [--no-docs]
 
 Validation: the bert-base shape with ``--layers`` encoder layers (2 by default, to stay short on a shared
-CPU), bfloat16 and float32, batch 1 and 8. The CPU is probed once (``perfmodel.devices.probe_cpu``), then
-each case is predicted and measured (``rmt_fast.bench.measure``: full segments, after a warm-up), and the
+CPU), bfloat16 and float32, batch 1 and 8. Before each case the CPU is probed (``perfmodel.devices.probe_cpu``), then
+the case is predicted and measured (``rmt_fast.bench.measure``: full segments, after a warm-up), and the
 predicted/measured ratio of ms per segment is recorded. Predictions: the full 12-layer bert-base shape on the
 1080 Ti (float32), A100 80 GB and H200 (bfloat16), labelled predicted. Both tables go into docs/PERF.md
 between their markers.
@@ -32,18 +32,19 @@ def validate(layers: int, cases, segments: dict) -> list:
     from rmt_fast.perfmodel import bert_base, devices, predict
     from rmt_fast.perfmodel import _cpu_fuses_activation
 
-    cpu = devices.probe_cpu(dtypes=tuple(sorted({d for d, _ in cases})))
     torch.manual_seed(0)
     model = builtin_model(layers)
     rows = []
     for dtype, batch in cases:
+        # Probe right before each measurement: on a shared machine the load changes from minute to minute.
+        cpu = devices.probe_cpu(dtypes=("float32", "bfloat16"))
         dims = bert_base(layers, _cpu_fuses_activation(dtype))
         pred = predict(dims, cpu, batch, dtype, segments=segments[batch])
         engine = Engine(model, device="cpu", dtype=dtype)
         got = measure(engine, segments[batch], batch_size=batch)
         rows.append({"dtype": dtype, "batch": batch, "layers": layers, "segments": segments[batch],
                      "predicted_ms_per_segment": pred["ms_per_segment"], "measured_ms_per_segment": got["ms_per_segment"],
-                     "ratio": pred["ms_per_segment"] / got["ms_per_segment"]})
+                     "ratio": pred["ms_per_segment"] / got["ms_per_segment"], "load_average": os.getloadavg()[0]})
         r = rows[-1]
         print(f"{dtype:>9} B={batch}: predicted {r['predicted_ms_per_segment']:.1f} ms/segment, measured "
               f"{r['measured_ms_per_segment']:.1f}, ratio {r['ratio']:.2f}", flush=True)
@@ -79,12 +80,13 @@ def write_docs(rows, cpu, gpus, path: Path = ROOT / "docs" / "PERF.md") -> None:
          f"(FFN GEMM float32 {cpu.flops.get('float32', 0) / 1e9:.0f} GFLOP/s, bfloat16 "
          f"{cpu.flops.get('bfloat16', 0) / 1e9:.0f} GFLOP/s; attention float32 "
          f"{cpu.attention_flops.get('float32', 0) / 1e9:.0f}, bfloat16 {cpu.attention_flops.get('bfloat16', 0) / 1e9:.0f}"
-         f" GFLOP/s; copy {cpu.bandwidth / 1e9:.1f} GB/s; {cpu.op_overhead_s * 1e6:.1f} us per op).", "",
-         "| dtype | batch | segments x batch | predicted ms/segment | measured ms/segment | predicted / measured |",
-         "|---|---:|---:|---:|---:|---:|"]
+         f" GFLOP/s; copy {cpu.bandwidth / 1e9:.1f} GB/s; {cpu.op_overhead_s * 1e6:.1f} us per op, as probed before the"
+         " last case; each case is predicted from a probe taken just before it).", "",
+         "| dtype | batch | segments x batch | predicted ms/segment | measured ms/segment | predicted / measured "
+         "| load average |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         v.append(f"| {r['dtype']} | {r['batch']} | {r['segments']} x {r['batch']} | {r['predicted_ms_per_segment']:.1f} "
-                 f"| {r['measured_ms_per_segment']:.1f} | {r['ratio']:.2f} |")
+                 f"| {r['measured_ms_per_segment']:.1f} | {r['ratio']:.2f} | {r['load_average']:.1f} |")
     p = ["**All figures predicted** by `rmt-fast plan` (bert-base shape, 12 layers, 512 positions, CUDA graphs on), "
          "none measured: spec-sheet peaks at assumed efficiencies (GEMM 0.7, attention 0.4, bandwidth 0.8) and "
          "a 500 MiB CUDA context. Max batch: the largest that fits the card's whole memory.", "",
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-docs", action="store_true")
     args = ap.parse_args(argv)
     cases = [(d, b) for d in ("bfloat16", "float32") for b in (1, 8)]
-    rows, cpu = validate(args.layers, cases, segments={1: 8, 8: 3})
+    rows, cpu = validate(args.layers, cases, segments={1: 12, 8: 3})
     gpus = gpu_predictions()
     for g in gpus:
         print(f"{g['device']} {g['dtype']}: predicted {g['ms_per_segment_b1']:.2f} ms/segment, "
