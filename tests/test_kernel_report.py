@@ -79,11 +79,12 @@ def test_prune_keeps_only_what_fits_each_target(cc):
 
 
 def test_shared_memory_limit_differs_by_target():
-    # 16x128 tiles at head_dim 128 in 3 stages need ~200 KiB: Hopper and A100 have it, sm_86/89 (99 KiB) do not.
+    # 32x128 tiles at head_dim 128 in 3 stages need ~208 KiB: Hopper has it, A100 (163) and sm_86/89 (99) do not.
     configs = [A._config_tuple(c) for c in A._attn_fwd_tuned.configs]
-    big = (16, 128, 4, 3)
-    assert big in A.prune_for_target(configs, 11, 522, 128, torch.bfloat16, 90)
-    assert big not in A.prune_for_target(configs, 11, 522, 128, torch.bfloat16, 86)
+    big = (32, 128, 4, 3)
+    assert big in A.prune_for_target(configs, 20, 522, 128, torch.bfloat16, 90)
+    assert big not in A.prune_for_target(configs, 20, 522, 128, torch.bfloat16, 80)
+    assert big not in A.prune_for_target(configs, 20, 522, 128, torch.bfloat16, 86)
     assert "shared memory" in A.config_fits(*big, 128, torch.bfloat16, 89)
     assert A.config_fits(128, 64, 4, 3, 64, torch.float16, 80).endswith("(it would spill)")
     assert A.config_fits(128, 64, 8, 3, 64, torch.float16, 80) is None
@@ -102,4 +103,5 @@ def test_prune_under_the_autotuner_reads_the_launch_target(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     kept = A._prune_configs(A._attn_fwd_tuned.configs, {"Q": FakeQ(), "Tq": 11, "Tk": 522}, HEAD_DIM=128)
     assert kept and all(A.config_fits(*A._config_tuple(c), 128, torch.bfloat16, 86) is None for c in kept)
-    assert (16, 128, 4, 3) not in [A._config_tuple(c) for c in kept]
+    kept = A._prune_configs(A._attn_fwd_tuned.configs, {"Q": FakeQ(), "Tq": 20, "Tk": 522}, HEAD_DIM=128)
+    assert kept and (32, 128, 4, 3) not in [A._config_tuple(c) for c in kept]
