@@ -202,12 +202,19 @@ def cu_report(targets) -> list:
     return rows
 
 
+_ITANIUM = {"f": "float", "d": "double", "i": "int32", "l": "int64", "s": "int16", "a": "int8", "h": "uint8",
+            "b": "bool"}
+
+
 def demangle(name: str) -> str:
-    m = re.search(r"(segment_embed|memory_write|memory_reset)\w*?kernel", name)
+    """``_ZN..segment_embed_kernelIfN3c104HalfEEvP..`` -> ``segment_embed_kernel<float, Half>``."""
+    m = re.search(r"(segment_embed|memory_write|memory_reset)_kernelI(.*?)EvP", name)
     if not m:
-        return name[:40]
-    kind = "bf16" if "BFloat16" in name else "fp16" if "Half" in name else "fp32"
-    return f"{m.group(0)} ({kind})" if "segment_embed" in m.group(0) else m.group(0)
+        return name[:60]
+    args = []
+    for c10, again, builtin in re.findall(r"N3c10\d+(Half|BFloat16)E|(S\d*_)|([a-z])", m.group(2)):
+        args.append(c10 or (args[-1] if again and args else "") or _ITANIUM.get(builtin, builtin))
+    return f"{m.group(1)}_kernel<{', '.join(args)}>"
 
 
 # -- output -------------------------------------------------------------------------------------------
