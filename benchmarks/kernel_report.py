@@ -5,7 +5,7 @@
 Each variant goes through ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", cc,
 32))``. Shared memory comes from the compiled metadata; registers, stack and spill bytes from ``ptxas -v`` on
 the compiled PTX (the ptxas shipped in Triton's backends/nvidia/bin, the one Triton itself runs); resident
-blocks per SM from the target's limits (``TARGET_LIMITS`` in rmt_fast.kernels.attention). The ``.cu``
+blocks per SM from the target's limits (``TARGET_LIMITS`` in rmt_fast.kernels.targets). The ``.cu``
 kernels go through ``nvcc -Xptxas -v`` for each target the installed nvcc supports. The table is written into
 docs/KERNELS.md between the generated-section markers.
 

@@ -38,7 +38,7 @@ class DeviceSpec:
 
 
 def _smem(cc: int) -> int:
-    from ..kernels.attention import target_limits
+    from ..kernels.targets import target_limits
     return target_limits(cc).smem_per_block
 
 
