@@ -93,7 +93,7 @@ setup(
     version="0.1.0",
     description="Fast inference and training for Recurrent Memory Transformers over very long inputs",
     python_requires=">=3.10",
-    packages=["rmt_fast", "rmt_fast.engine", "rmt_fast.analysis", "rmt_fast.kernels"],
+    packages=["rmt_fast", "rmt_fast.engine", "rmt_fast.analysis", "rmt_fast.kernels", "rmt_fast.perfmodel"],
     package_dir={"rmt_fast.kernels": "kernels"},
     # bert-base-cased vocabulary and config (the built-in default shape), the background novels, and the
     # shipped default model with its training metrics.

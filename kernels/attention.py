@@ -23,6 +23,10 @@ from typing import Optional
 
 import torch
 
+from .targets import (FMA_TILE_REGS, SPILLED_IN_REPORT, TARGET_LIMITS, TENSOR_CORE_TILE_REGS,  # noqa: F401
+                      TargetLimits, _next_pow2, config_fits, shared_memory_estimate, target_limits, tile_registers,
+                      uses_tensor_cores)
+
 try:
     import triton
     import triton.language as tl
@@ -144,29 +148,37 @@ if triton is not None:
     _attn_fwd_fixed = triton.heuristics(_HEURISTICS)(_attn_fwd_kernel)
 
     # (BLOCK_M, BLOCK_N, num_warps, num_stages). Long query blocks: the neighbourhood of the defaults, as in
-    # Triton's fused-attention tutorial. Short ones (subset mode): the smallest BLOCK_M covering Tq.
+    # Triton's fused-attention tutorial. Short ones (subset mode): the smallest BLOCK_M covering Tq. Small:
+    # the only tiles that fit the register budget of a dot without tensor cores (float32 "ieee", pre-Ampere).
     _TUNE_LONG = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3),
-                  (128, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4)]
+                  (128, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4),
+                  (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2)]
     _TUNE_SHORT = [(bm, bn, 4, s) for bm in (16, 32, 64) for bn in (32, 64, 128) for s in (2, 3)]
+    _TUNE_SMALL = [(16, 16, 4, 2), (16, 32, 4, 2), (16, 16, 8, 2), (16, 32, 8, 2)]
 
     def _config_tuple(c):
         return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
 
+    def _target_of(named_args):
+        """(compute capability as 80/90/..., dtype) of the launch's inputs, or None without a GPU target."""
+        q = named_args.get("Q")
+        if q is None or _INTERPRETED or not getattr(q, "is_cuda", False):
+            return None
+        major, minor = torch.cuda.get_device_capability(q.device)
+        return 10 * major + minor, q.dtype
+
     def _prune_configs(configs, named_args, **kwargs):
-        """Keep the configs that fit the shape: at most 8 are benchmarked per key."""
-        tq, tk, d = named_args["Tq"], named_args["Tk"], kwargs["HEAD_DIM"]
-        bm_fit = max(16, min(128, triton.next_power_of_2(tq)))
-        bn_max = max(32, min(128, triton.next_power_of_2(tk)))
-        kept = []
-        for c in configs:
-            bm, bn, warps, stages = _config_tuple(c)
-            if bm_fit == 128:
-                fits = (bm, bn, warps, stages) in _TUNE_LONG
-            else:
-                fits = bm == bm_fit and (bm, bn, warps, stages) in _TUNE_SHORT
-            if fits and bn <= bn_max and not (d == 128 and bm * bn > 128 * 64):  # d=128: smem, registers
-                kept.append(c)
-        return kept or configs[:1]
+        """Keep the configs that fit the shape and the GPU's limits: at most 8 are benchmarked per key."""
+        target = _target_of(named_args)
+        cc, dtype = target if target is not None else (None, None)
+        kept_tuples = prune_for_target([_config_tuple(c) for c in configs], named_args["Tq"], named_args["Tk"],
+                                       kwargs["HEAD_DIM"], dtype, cc)
+        kept = [c for c in configs if _config_tuple(c) in kept_tuples]
+        if kept:
+            return kept
+        cfg = _default_config(named_args["Tq"], _MAX_GRID_Y, kwargs["HEAD_DIM"], None, dtype or torch.float16, cc)
+        return [triton.Config({"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}, num_warps=cfg["num_warps"],
+                              num_stages=cfg["num_stages"])]
 
     # Keyed on (Tk, head_dim) as issue 3 asks, plus Tq: subset mode (Tq = M + 1) and full blocks want
     # different BLOCK_M, and an engine sees only those two Tq per Tk; plus the batch: at batch 1 a block
@@ -174,7 +186,7 @@ if triton is not None:
     # a few widths: its slot count and the powers of two below). The autotuner adds the dtypes itself.
     _attn_fwd_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                 for bm, bn, w, s in dict.fromkeys(_TUNE_LONG + _TUNE_SHORT)],
+                 for bm, bn, w, s in dict.fromkeys(_TUNE_LONG + _TUNE_SHORT + _TUNE_SMALL)],
         key=["B", "Tq", "Tk", "HEAD_DIM"],
         prune_configs_by={"early_config_prune": _prune_configs},
     )(triton.heuristics(_HEURISTICS)(_attn_fwd_kernel))
@@ -191,16 +203,69 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _default_config(tq: int, bh: int, head_dim: int, device: torch.device) -> dict:
-    """Fixed block sizes when not autotuning (always, under the interpreter)."""
+def prune_for_target(configs, tq: int, tk: int, head_dim: int, dtype: Optional[torch.dtype] = None,
+                     capability: Optional[int] = None) -> list:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples worth timing for this shape on this target.
+
+    Without a target (``capability`` None: no GPU) only the shape decides, as before.
+    """
+    bm_fit = max(16, min(128, _next_pow2(tq)))
+    bn_max = max(32, min(128, _next_pow2(tk)))
+    small = capability is not None and not uses_tensor_cores(dtype, capability)
+    kept = []
+    for bm, bn, warps, stages in configs:
+        if small:
+            fits = (bm, bn, warps, stages) in _TUNE_SMALL
+        elif bm_fit == 128:
+            fits = (bm, bn, warps, stages) in _TUNE_LONG
+        else:
+            fits = bm == bm_fit and (bm, bn, warps, stages) in _TUNE_SHORT
+        if not fits or bn > bn_max:
+            continue
+        if capability is None:
+            fits = not (head_dim == 128 and bm * bn > 128 * 64)  # shape only: the old smem/register guard
+        else:
+            fits = config_fits(bm, bn, warps, stages, head_dim, dtype, capability) is None
+        if fits:
+            kept.append((bm, bn, warps, stages))
+    return kept[:8]
+
+
+def _default_config(tq: int, bh: int, head_dim: int, device: Optional[torch.device],
+                    dtype: torch.dtype = torch.float16, capability: Optional[int] = None) -> dict:
+    """Fixed block sizes when not autotuning (always, under the interpreter).
+
+    On a GPU (or for an explicit ``capability``, as the kernel report asks) the tiles are shrunk until they
+    fit the target's register budget and shared memory; without a target only the shape decides.
+    """
+    on_gpu = device is not None and device.type == "cuda" and not _INTERPRETED
+    if capability is None and on_gpu:
+        major, minor = torch.cuda.get_device_capability(device)
+        capability = 10 * major + minor
     block_n = 64
-    block_m = max(16, min(128, triton.next_power_of_2(tq)))
+    block_m = max(16, min(128, _next_pow2(tq)))
     # Few programs (batch 1) leave SMs idle at BLOCK_M=128: halve it to double the programs.
-    if block_m == 128 and device.type == "cuda" and not _INTERPRETED:
-        if triton.cdiv(tq, 128) * bh < _sm_count(device.index if device.index is not None else 0):
+    if block_m == 128 and on_gpu:
+        if -(-tq // 128) * bh < _sm_count(device.index if device.index is not None else 0):
             block_m = 64
-    num_warps = 8 if (block_m == 128 and head_dim == 128) else 4
     num_stages = 2 if head_dim == 128 else 3
+    if capability is None:
+        num_warps = 8 if (block_m == 128 and head_dim == 128) else 4
+        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
+    if not uses_tensor_cores(dtype, capability):
+        block_m, block_n, num_stages = 16, (32 if head_dim <= 64 else 16), 2
+    elem = torch.tensor([], dtype=dtype).element_size()
+    budget = TENSOR_CORE_TILE_REGS if uses_tensor_cores(dtype, capability) else FMA_TILE_REGS
+    limit = target_limits(capability).smem_per_block
+    while shared_memory_estimate(block_m, block_n, num_stages, head_dim, elem) > limit and num_stages > 1:
+        num_stages -= 1
+    # More warps before smaller tiles: a tile that fits in 8 warps keeps its K/V reuse.
+    while True:
+        num_warps = next((w for w in (4, 8) if config_fits(block_m, block_n, w, num_stages, head_dim, dtype,
+                                                           capability) is None), 8)
+        if config_fits(block_m, block_n, num_warps, num_stages, head_dim, dtype, capability) is None or block_m == 16:
+            break
+        block_m //= 2
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
 
 
@@ -308,7 +373,7 @@ def _launch(args: tuple, consts: dict, tq: int, bh: int, head_dim: int, device: 
         grid = lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), bh)  # noqa: E731
         _attn_fwd_tuned[grid](*args, **consts)
     else:
-        cfg = _default_config(tq, bh, head_dim, device)
+        cfg = _default_config(tq, bh, head_dim, device, args[0].dtype)
         grid = (triton.cdiv(tq, cfg["BLOCK_M"]), bh)
         _attn_fwd_fixed[grid](*args, **consts, **cfg)
 
