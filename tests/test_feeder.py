@@ -270,9 +270,10 @@ def test_streaming_equals_non_streaming(text_model, tokenizer, novel, tmp_path, 
     assert (engine.classify(ids, batch_size=2) - engine.classify(ids, batch_size=1)).abs().max() <= 1e-5
     want = engine.classify_texts(texts, tokenizer, batch_size=2)
     assert (want - engine.classify(ids, batch_size=2)).abs().max() <= 1e-5
-    assert torch.equal(engine.classify_files(paths, tokenizer, batch_size=2, chunk_chars=256), want)
+    # A slot whose ids are late sits a step out, so batch neighbours depend on the threads' timing.
+    assert (engine.classify_files(paths, tokenizer, batch_size=2, chunk_chars=256) - want).abs().max() <= 1e-5
     pipes = [io.BytesIO(t.encode("utf-8")) for t in texts]                # file objects, like a pipe
-    assert torch.equal(engine.classify_stream(pipes, tokenizer, batch_size=2, chunk_chars=100), want)
+    assert (engine.classify_stream(pipes, tokenizer, batch_size=2, chunk_chars=100) - want).abs().max() <= 1e-5
 
 
 def test_stream_errors_empty_and_nan_mode(text_model, tokenizer, tmp_path):

@@ -104,15 +104,12 @@ class ChunkLayout:
             return n, True
         return S, False
 
-    def _would_wait(self) -> bool:
-        """Whether laying out the next step would wait for ids still being read or tokenized."""
-        for slot in self._active:
-            if slot is None:
-                if not self._exhausted and not self.source.next_ready():
-                    return True
-            elif not ready(slot.doc, self.config):
-                return True
-        return False
+    def _ready(self, b: int) -> bool:
+        """Whether slot b's next segment (or next document) can be laid out without waiting."""
+        slot = self._active[b]
+        if slot is None:
+            return self._exhausted or self.source.next_ready()
+        return ready(slot.doc, self.config)
 
     def _check_empty(self) -> None:
         if self.empty == "error":
@@ -140,38 +137,53 @@ class ChunkLayout:
                 meta.failed[slot.doc.index] = err
                 self._active[b] = None
 
+    def _lay_step(self, step_ids: np.ndarray, step_meta: np.ndarray, first_row: int, meta: ChunkMeta, stop,
+                  wait: bool) -> Tuple[List[int], bool]:
+        """One step's rows into ``step_ids`` [B, T] and ``step_meta`` [FIELDS, B]: (busy rows, any padded).
+        wait=False leaves out the slots that are not ready."""
+        M, S = self.M, self.S
+        busy, masked = [], False
+        for b in range(self.slots):
+            if not wait and not self._ready(b):
+                continue
+            slot, n, last = self._take(b, meta, stop)
+            if slot is None:
+                continue
+            row = step_ids[b]
+            row[:] = self._tmpl
+            slot.doc.read(n, row[M + 2:M + 2 + n])
+            row[M + 2 + n] = self.config.sep_token_id
+            first = slot.k == 0
+            if first:
+                meta.started.append(slot.doc.index)
+            step_meta[:, b] = (M + 3 + n, first_row + b if last else self.sink, 1, int(first), b)
+            busy.append(b)
+            masked |= n < S
+            meta.n_tokens += n
+            slot.k += 1
+            if last:
+                meta.finished.append((slot.doc.index, first_row + b))
+                if slot.doc.truncated:
+                    meta.truncated.append(slot.doc.index)
+                self._active[b] = None
+        return busy, masked
+
     def fill(self, ids: np.ndarray, rows: np.ndarray, ring_slot: int, stop: threading.Event) -> Optional[ChunkMeta]:
         """Lay the next chunk out into ``ids`` [steps, slots, T] and ``rows`` [steps, FIELDS, slots]
         (the meta block); None when every document is done."""
-        M, S, B = self.M, self.S, self.slots
+        B = self.slots
         meta = ChunkMeta(ring_slot)
         base = ring_slot * self.steps * B
         for c in range(self.steps):
-            if c and self._would_wait():
-                break                            # hand over what is ready rather than wait with it
-            busy, masked = [], False
             step_ids, step_meta = ids[c], rows[c]      # [B, T], [FIELDS, B]
-            for b in range(B):
-                slot, n, last = self._take(b, meta, stop)
-                if slot is None:
-                    continue
-                row = step_ids[b]
-                row[:] = self._tmpl
-                slot.doc.read(n, row[M + 2:M + 2 + n])
-                row[M + 2 + n] = self.config.sep_token_id
-                first = slot.k == 0
-                if first:
-                    meta.started.append(slot.doc.index)
-                step_meta[:, b] = (M + 3 + n, base + c * B + b if last else self.sink, 1, int(first), b)
-                busy.append(b)
-                masked |= n < S
-                meta.n_tokens += n
-                slot.k += 1
-                if last:
-                    meta.finished.append((slot.doc.index, base + c * B + b))
-                    if slot.doc.truncated:
-                        meta.truncated.append(slot.doc.index)
-                    self._active[b] = None
+            # A slot whose ids are still being read or tokenized sits this step out (its memory waits
+            # untouched); when every one would wait, hand over the steps laid out, or on a chunk's
+            # first step, wait.
+            busy, masked = self._lay_step(step_ids, step_meta, base + c * B, meta, stop, wait=False)
+            if not busy and (not self._exhausted or any(slot is not None for slot in self._active)):
+                if c:
+                    break
+                busy, masked = self._lay_step(step_ids, step_meta, base + c * B, meta, stop, wait=True)
             if not busy:
                 break
             n = len(busy)
