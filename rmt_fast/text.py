@@ -1,12 +1,14 @@
 """Text in: UTF-8 decoding of files and pipes, and cutting text where a WordPiece tokenizer may be cut.
 
-BERT-family tokenizers (the slow Python one and the fast Rust one alike) normalise the text, split it
-into words at whitespace, at every punctuation character and around every CJK ideograph, and then
-split each word into word pieces independently. So the text may be cut after any character both of
-them split at, when the next character is not a combining mark (accent stripping could merge it):
-tokenizing the pieces one by one gives exactly the ids of the whole text. Characters that one of them
-removes (control characters such as U+000B, which Python's ``str.isspace`` calls whitespace) are
-never cut points: they join the words around them.
+BERT-family tokenizers (the slow Python one and the fast Rust one alike) first match added tokens
+such as ``[SEP]``, then normalise the text, split it into words at whitespace (and punctuation) and
+split each word into word pieces independently. So the text may be cut after a character both of
+them call whitespace (" ", tab, newline, carriage return, category Zs; never inside an added token,
+which holds none), when the next character is not a combining mark (accent stripping could merge
+it): tokenizing the pieces one by one gives exactly the ids of the whole text. Characters that they
+delete (control characters such as U+000B or U+001C, which Python's ``str.isspace`` calls whitespace)
+are never cut points: they join the words around them. Punctuation is not used either: a cut there
+could split an added token like ``[SEP]``.
 
 A word longer than ``max_input_chars_per_word`` (100 for BERT) becomes one ``[UNK]``: a run of more
 letters or digits than that is a part of such a word, so ``collapse_long_words`` keeps only its first
@@ -16,11 +18,9 @@ whitespace. ``stream_chunks`` reads a source incrementally, in time linear in it
 from __future__ import annotations
 
 import codecs
-import functools
 import io
 import os
 import re
-import string
 import unicodedata
 from typing import Iterable, Iterator, List, Optional
 
@@ -28,22 +28,16 @@ from typing import Iterable, Iterator, List, Optional
 _WHITESPACE = " \t\n\r\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
 _CJK = ("\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df\U0002a700-\U0002b73f"
         "\U0002b740-\U0002b81f\U0002b820-\U0002ceaf\U0002f800-\U0002fa1f")
-_ASCII_PUNCT = re.escape(string.punctuation)
 # A letter or digit that is a word's character for both tokenizers (not CJK, which is split, nor "_").
 _LETTER = f"[^\\W_{_CJK}]"
 
 
-@functools.lru_cache(maxsize=None)
-def _split_re() -> "re.Pattern":
-    """One character both tokenizers end a word after: whitespace, punctuation (ASCII, and Unicode P*
-    in the BMP; an astral one is only a missed cut), CJK."""
-    punct = "".join(chr(c) for c in range(0x80, 0x10000) if unicodedata.category(chr(c)).startswith("P"))
-    return re.compile(f"[{_WHITESPACE}{_ASCII_PUNCT}{_CJK}{re.escape(punct)}]")
+_CUT_AFTER = re.compile(f"[{_WHITESPACE}]")
 
 
 def cut_allowed(text: str, p: int) -> bool:
     """Whether ``text`` may be cut before position p (0 < p < len(text))."""
-    return _split_re().match(text, p - 1) is not None and not unicodedata.combining(text[p])
+    return _CUT_AFTER.match(text, p - 1) is not None and not unicodedata.combining(text[p])
 
 
 def last_cut(text: str, lo: int = 1, hi: Optional[int] = None) -> int:
@@ -57,7 +51,7 @@ def last_cut(text: str, lo: int = 1, hi: Optional[int] = None) -> int:
     while end >= lo:
         start = max(lo, end - window)
         found = -1
-        for m in _split_re().finditer(text, start - 1, end):   # the character before p, p in [start, end]
+        for m in _CUT_AFTER.finditer(text, start - 1, end):   # the character before p, p in [start, end]
             if not unicodedata.combining(text[m.end()]):
                 found = m.end()
         if found >= 0:
@@ -74,7 +68,7 @@ def text_chunks(text: str, chunk_chars: int = 1 << 16) -> List[str]:
     while n - pos > chunk_chars:
         cut = last_cut(text, pos + 1, pos + chunk_chars)
         if cut < 0:                                   # none in this window: the next one after it
-            m = next((m for m in _split_re().finditer(text, pos + chunk_chars)
+            m = next((m for m in _CUT_AFTER.finditer(text, pos + chunk_chars)
                       if m.end() < n and cut_allowed(text, m.end())), None)
             if m is None:
                 break
