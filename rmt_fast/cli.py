@@ -43,8 +43,12 @@ class _ClosedStdin:
 
 
 def _stdin():
+    """Standard input's unbuffered bytes: a tokenizer thread still blocked reading an idle pipe at exit
+    (after Ctrl-C) holds no buffer lock, which would abort the interpreter's shutdown."""
     stdin = sys.stdin
-    return stdin.buffer if stdin is not None and hasattr(stdin, "buffer") else _ClosedStdin()
+    if stdin is None or not hasattr(stdin, "buffer"):
+        return _ClosedStdin()
+    return getattr(stdin.buffer, "raw", stdin.buffer)
 
 
 def run_classify(args) -> int:

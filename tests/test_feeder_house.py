@@ -211,13 +211,18 @@ def test_cli_prints_each_result_as_it_completes_and_counts_on_ctrl_c(model_dir, 
                              *map(str, files), "-", "--no-progress"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    import queue
+    import threading
+    lines: "queue.Queue[str]" = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     try:
         proc.stdin.write("the pipe has begun but does not end ")
         proc.stdin.flush()
-        lines = [proc.stdout.readline(), proc.stdout.readline()]       # out while the pipe is still open
-        assert [line.split("\t")[0] for line in lines] == [str(f) for f in files]
+        first = [lines.get(timeout=90), lines.get(timeout=30)]           # out while the pipe is still open
+        assert [line.split("\t")[0] for line in first] == [str(f) for f in files]
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        err = proc.stderr.read()
+        proc.wait(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 130, err[-2000:]
