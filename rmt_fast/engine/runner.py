@@ -204,6 +204,7 @@ class Engine:
                 yield name, Path(src) if isinstance(src, str) else src   # a str names a file
         return self._stream(items(), n, tokenizer, opts, failures, on_result)
 
+    @torch.inference_mode()
     def _stream(self, items: Iterator[Tuple[Optional[str], object]], n_items: Optional[int], tokenizer,
                 opts: RunOptions, failures: Optional[Dict[int, str]], on_result: Optional[OnResult]) -> torch.Tensor:
         """Classify (name, source) items; a source that is a str is a text in memory."""
@@ -282,8 +283,7 @@ class Engine:
         return self._runners[slots]
 
     def _run(self, source, slots: int, empty: str, on_error: str, progress: bool, total: Optional[int],
-             failed: Optional[Dict[int, DocumentError]] = None, on_done: Optional[Callable] = None
-             ) -> Dict[int, torch.Tensor]:
+             on_done: Optional[Callable] = None) -> Dict[int, torch.Tensor]:
         """Run every document of ``source``; logits [num_labels] (CPU) by document index.
 
         on_done(index, logits, error) is called for each document as soon as its logits are on the
@@ -322,8 +322,6 @@ class Engine:
         try:
             with Feeder(layout, dev, threaded=self.overlap, ring=ring) as feed:
                 for chunk, ids, meta in feed:           # [C, B, T], [C, FIELDS, B] on the device
-                    if failed is not None:
-                        failed.update(chunk.failed)
                     if on_done is not None:
                         for d, err in sorted(chunk.failed.items()):
                             on_done(d, None, err)

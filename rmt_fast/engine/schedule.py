@@ -156,7 +156,9 @@ class ChunkLayout:
             first = slot.k == 0
             if first:
                 meta.started.append(slot.doc.index)
-            step_meta[:, b] = (M + 3 + n, first_row + b if last else self.sink, 1, int(first), b)
+            f = step_meta[:, b]                                           # [FIELDS], a view
+            f[KEY_LEN], f[DEST], f[SLOT] = M + 3 + n, (first_row + b if last else self.sink), b
+            f[BUSY], f[RESET] = 1, first
             busy.append(b)
             masked |= n < S
             meta.n_tokens += n
