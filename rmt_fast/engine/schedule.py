@@ -104,12 +104,25 @@ class ChunkLayout:
             return n, True
         return S, False
 
-    def _ready(self, b: int) -> bool:
-        """Whether slot b's next segment (or next document) can be laid out without waiting."""
+    def _stalled(self, b: int) -> bool:
+        """Whether slot b waits for ids from a stream that may stall (a pipe): it sits the step out."""
         slot = self._active[b]
         if slot is None:
-            return self._exhausted or self.source.next_ready()
-        return ready(slot.doc, self.config)
+            return not self._exhausted and self.source.next_stalled()
+        return slot.doc.live and not ready(slot.doc, self.config)
+
+    def _would_wait(self) -> bool:
+        """Whether laying out the next step would wait for ids still being read or tokenized (slots
+        that wait for a stream sit the step out instead)."""
+        for b, slot in enumerate(self._active):
+            if self._stalled(b):
+                continue
+            if slot is None:
+                if not self._exhausted and not self.source.next_ready():
+                    return True
+            elif not ready(slot.doc, self.config):
+                return True
+        return False
 
     def _check_empty(self) -> None:
         if self.empty == "error":
@@ -140,11 +153,11 @@ class ChunkLayout:
     def _lay_step(self, step_ids: np.ndarray, step_meta: np.ndarray, first_row: int, meta: ChunkMeta, stop,
                   wait: bool) -> Tuple[List[int], bool]:
         """One step's rows into ``step_ids`` [B, T] and ``step_meta`` [FIELDS, B]: (busy rows, any padded).
-        wait=False leaves out the slots that are not ready."""
+        wait=False leaves out the slots that wait for a stream."""
         M, S = self.M, self.S
         busy, masked = [], False
         for b in range(self.slots):
-            if not wait and not self._ready(b):
+            if not wait and self._stalled(b):
                 continue
             slot, n, last = self._take(b, meta, stop)
             if slot is None:
@@ -177,10 +190,11 @@ class ChunkLayout:
         meta = ChunkMeta(ring_slot)
         base = ring_slot * self.steps * B
         for c in range(self.steps):
+            if c and self._would_wait():
+                break                            # hand over what is ready rather than wait with it
             step_ids, step_meta = ids[c], rows[c]      # [B, T], [FIELDS, B]
-            # A slot whose ids are still being read or tokenized sits this step out (its memory waits
-            # untouched); when every one would wait, hand over the steps laid out, or on a chunk's
-            # first step, wait.
+            # A slot waiting for a stream sits the step out (its memory waits untouched), so a stalled
+            # pipe does not hold up the others; when every slot with work waits on one, this waits.
             busy, masked = self._lay_step(step_ids, step_meta, base + c * B, meta, stop, wait=False)
             if not busy and (not self._exhausted or any(slot is not None for slot in self._active)):
                 if c:

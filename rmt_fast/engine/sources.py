@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import os
 import queue
 import threading
 import time
@@ -80,6 +81,7 @@ class Doc:
         self._error: Optional[BaseException] = None
         self._cond = threading.Condition()
         self.on_drain: Optional[Callable[[], None]] = None   # asks its tokenizer job for more
+        self.live = False          # read from a stream that may stall (a pipe): its slot may sit steps out
         self.high_water: Optional[int] = None                # tokens buffered before the job pauses
 
     @classmethod
@@ -185,6 +187,9 @@ class IdsSource:
 
     def next_ready(self) -> bool:
         return True
+
+    def next_stalled(self) -> bool:
+        return False
 
     def close(self) -> None:
         pass
@@ -361,6 +366,7 @@ class TextSource:
             return False
         index, (name, source) = item
         doc = Doc(index, name if name is not None else f"text {index}")
+        doc.live = not isinstance(source, (str, os.PathLike))    # texts and files never stall for long
         if self.config.segment_alignment == "left":
             doc.high_water = self._high_water
         self._opened.append(doc)
@@ -380,6 +386,10 @@ class TextSource:
     def next_ready(self) -> bool:
         """Whether the document ``next_doc`` gives next can start without waiting."""
         return not self._opened or ready(self._opened[0], self.config)
+
+    def next_stalled(self) -> bool:
+        """Whether the document ``next_doc`` gives next waits for a stream (see ``Doc.live``)."""
+        return bool(self._opened) and self._opened[0].live and not ready(self._opened[0], self.config)
 
     def close(self) -> None:
         self._stop.set()
