@@ -77,7 +77,9 @@ def per_segment(model, args, batch_size: int) -> dict:
 
 def end_to_end(model, tokenizer, args, texts) -> dict:
     """Tokenize alone, compute alone, then both through the feeder with and without overlap."""
-    from rmt_fast.engine.feeder import ChunkLayout, Feeder, TextSource
+    from rmt_fast.engine.feeder import Feeder
+    from rmt_fast.engine.schedule import ChunkLayout
+    from rmt_fast.engine.sources import TextSource
 
     cfg = model.config
     engine = Engine(model, args.device, args.dtype, args.attention)
@@ -88,8 +90,8 @@ def end_to_end(model, tokenizer, args, texts) -> dict:
                             lookahead=args.e2e_batch_size + 2)
         layout = ChunkLayout(source, cfg, args.e2e_batch_size, 16, ring=3)
         with Feeder(layout, "cpu") as feed:
-            for meta, _ in feed:
-                feed.release(meta)
+            for chunk, _, _ in feed:
+                feed.release(chunk)
 
     t_tok, _ = _timed(tokenize_only, "cpu")
     ids = [tokenize_long(t, tokenizer) for t in texts]

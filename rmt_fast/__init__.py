@@ -3,7 +3,7 @@ from .config import RMTConfig
 from .inputs import InvalidDocumentsError
 from .model import RMTForSequenceClassification, RMTOutput
 from .engine import Engine
-from .engine.feeder import DocumentError
+from .engine.sources import DocumentError, SourcesError
 
 __version__ = "0.1.0"
-__all__ = ["DocumentError", "Engine", "RMTConfig", "RMTForSequenceClassification", "RMTOutput", "InvalidDocumentsError", "__version__"]
+__all__ = ["DocumentError", "SourcesError", "Engine", "RMTConfig", "RMTForSequenceClassification", "RMTOutput", "InvalidDocumentsError", "__version__"]

@@ -37,6 +37,22 @@ def _add_classify(subparsers):
     p.set_defaults(func=run_classify)
 
 
+class _ClosedStdin:
+    """Standard input where there is none (``<&-``): a bad input like any other, named when read."""
+
+    def __iter__(self):
+        raise OSError("standard input is closed")
+
+
+def _stdin():
+    """Standard input's unbuffered bytes: a tokenizer thread still blocked reading an idle pipe at exit
+    (after Ctrl-C) holds no buffer lock, which would abort the interpreter's shutdown."""
+    stdin = sys.stdin
+    if stdin is None or not hasattr(stdin, "buffer"):
+        return _ClosedStdin()
+    return getattr(stdin.buffer, "raw", stdin.buffer)
+
+
 def run_classify(args) -> int:
     from .engine import Engine
     from .model import RMTForSequenceClassification
@@ -49,26 +65,35 @@ def run_classify(args) -> int:
         return 2
     tokenizer = load_tokenizer(tok_path)
     engine = Engine(model, device=args.device, dtype=args.dtype, attention=args.attention)
-    # Files are read, decoded and tokenized ahead on feeder threads while earlier segments compute; a
-    # document that fails gets a NaN row and its reason, and the others are still answered.
-    sources = [sys.stdin.buffer if p == "-" else Path(p) for p in args.input]
-    failures = {}
-    logits = engine.classify_stream(sources, tokenizer, names=args.input, batch_size=args.batch_size,
-                                    empty=args.empty, progress=not args.no_progress,
-                                    errors=args.decode_errors, on_error="nan", failures=failures)
     labels = model.config.label_names or tuple(str(i) for i in range(model.config.num_labels))
-    for i, (name, p) in enumerate(zip(args.input, logits.softmax(dim=-1))):
-        if i in failures:
-            continue
+    done, failed = [0], [0]
+
+    def print_result(i: int, logits, error) -> None:   # in input order, as soon as each is done
+        done[0] += 1
+        name = args.input[i]
+        if error is not None:
+            failed[0] += 1
+            print(f"error: {name}: {error}", file=sys.stderr, flush=True)
+            return
+        p = logits.softmax(dim=-1)
         k = int(p.argmax())
         if args.json:
             print(json.dumps({"input": name, "label": labels[k],
-                              "probabilities": {l: round(float(v), 6) for l, v in zip(labels, p)}}))
+                              "probabilities": {l: round(float(v), 6) for l, v in zip(labels, p)}}), flush=True)
         else:
-            print(f"{name}\t{labels[k]}\t{float(p[k]):.4f}")
-    for i, why in sorted(failures.items()):
-        print(f"error: {args.input[i]}: {why}", file=sys.stderr)
-    return 1 if failures else 0
+            print(f"{name}\t{labels[k]}\t{float(p[k]):.4f}", flush=True)
+
+    # Files are read, decoded and tokenized ahead on feeder threads while earlier segments compute; a
+    # document that fails is named, and the others are still answered.
+    sources = [_stdin() if p == "-" else Path(p) for p in args.input]
+    try:
+        engine.classify_stream(sources, tokenizer, names=args.input, batch_size=args.batch_size,
+                               empty=args.empty, progress=not args.no_progress, errors=args.decode_errors,
+                               on_error="nan", failures={}, on_result=print_result)
+    except KeyboardInterrupt:
+        print(f"interrupted: {done[0]} of {len(sources)} documents done", file=sys.stderr)
+        return 130
+    return 1 if failed[0] else 0
 
 
 # -- info -----------------------------------------------------------------------------------------
@@ -116,6 +141,9 @@ def run_info(args) -> int:
             why_not = packing_available(torch.device(dev), dtype)
             print(f"packed linear {dev}/{str(dtype).replace('torch.', '')}: "
                   + ("yes (oneDNN)" if why_not is None else f"no ({why_not})"))
+    from .envvars import describe
+    print("environment (build, debug and test switches only):")
+    print(describe())
     return 0
 
 

@@ -1,18 +1,19 @@
-"""Tokenizing very long texts in chunks that give exactly the ids of tokenizing the whole text.
-
-BERT-family (WordPiece) tokenizers never join characters across whitespace, so cutting the text at a
-whitespace character (one not followed by a combining mark, which normalisation could merge) cannot
-change any token. Chunks are tokenized as one batch, in parallel inside the fast tokenizer.
+"""Tokenizers: offline WordPiece loading, and very long texts tokenized in chunks that give exactly the
+ids of tokenizing the whole text (where a text may be cut: ``rmt_fast.text``). Chunks are tokenized as
+one batch, in parallel inside the fast tokenizer.
 """
 from __future__ import annotations
 
 import inspect
 import json
-import unicodedata
 from pathlib import Path
-from typing import Iterator, List
+from typing import List, Optional
 
 import torch
+
+from .text import text_chunks
+
+__all__ = ["load_tokenizer", "max_word_chars", "text_chunks", "tokenize_long", "wordpiece_tokenizer"]
 
 
 def wordpiece_tokenizer(vocab_file, do_lower_case=None):
@@ -51,28 +52,14 @@ def load_tokenizer(path):
     raise FileNotFoundError(f"no tokenizer at {p}: give a folder with tokenizer.json or vocab.txt, or a vocab.txt")
 
 
-def _cut_points(text: str, chunk_chars: int) -> Iterator[int]:
-    pos, n = 0, len(text)
-    while n - pos > chunk_chars:
-        cut = pos + chunk_chars
-        # Walk back to a whitespace whose next character is not a combining mark.
-        while cut > pos and not (text[cut - 1].isspace() and not unicodedata.combining(text[cut])):
-            cut -= 1
-        if cut == pos:  # no whitespace in this window: walk forward to the next one instead
-            cut = pos + chunk_chars
-            while cut < n and not (text[cut - 1].isspace() and not unicodedata.combining(text[cut])):
-                cut += 1
-            if cut >= n:
-                break
-        yield cut
-        pos = cut
-
-
-def text_chunks(text: str, chunk_chars: int = 1 << 16) -> List[str]:
-    if chunk_chars < 1:
-        raise ValueError(f"chunk_chars must be positive, got {chunk_chars}")
-    bounds = [0, *_cut_points(text, chunk_chars), len(text)]
-    return [text[a:b] for a, b in zip(bounds, bounds[1:])]
+def max_word_chars(tokenizer) -> Optional[int]:
+    """The longest word a WordPiece tokenizer splits into pieces (longer ones are one [UNK]); None if unknown."""
+    for model in (getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None),
+                  getattr(tokenizer, "wordpiece_tokenizer", None)):
+        value = getattr(model, "max_input_chars_per_word", None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def tokenize_long(text: str, tokenizer, chunk_chars: int = 1 << 16, chunks_per_call: int = 64) -> torch.Tensor:

@@ -11,7 +11,7 @@ from helpers import make_model, oracle, random_docs, tiny_model
 from rmt_fast import Engine
 from rmt_fast.bench import PeakMemory
 from rmt_fast.engine import graphs
-from rmt_fast.engine.feeder import COL_ACTIVE, COL_DEST, COL_KEYLEN, COL_RESET, COL_SLOT, EXTRA_COLS
+from rmt_fast.engine.steprows import BUSY, DEST, FIELDS, KEY_LEN, RESET, SLOT
 
 LENGTHS = [5, 90, 1, 18, 19, 37, 200, 3, 18 * 7, 36]
 
@@ -71,17 +71,17 @@ def test_step_all_masks_idle_slots_and_resets_starting_ones(memory_ops):
     B, T, M, H = 3, cfg.input_size, cfg.num_mem_tokens, plan.hidden
     state = torch.randn(B, M, H)
     before = state.clone()
-    inp = torch.zeros(B, T + EXTRA_COLS, dtype=torch.int64)
-    inp[:, :T] = torch.randint(3, 60, (B, T))
-    inp[:, T + COL_KEYLEN] = T
-    inp[:, T + COL_DEST] = torch.tensor([0, 1, 5])           # row 5: the sink
-    inp[:, T + COL_ACTIVE] = torch.tensor([1, 1, 0])         # slot 2 idle
-    inp[:, T + COL_RESET] = torch.tensor([1, 0, 0])          # slot 0 starts a document
-    inp[:, T + COL_SLOT] = torch.tensor([0, 1, -1])
+    ids = torch.randint(3, 60, (B, T))
+    meta = torch.zeros(FIELDS, B, dtype=torch.int64)
+    meta[KEY_LEN] = T
+    meta[DEST] = torch.tensor([0, 1, 5])           # row 5: the sink
+    meta[BUSY] = torch.tensor([1, 1, 0])           # slot 2 idle
+    meta[RESET] = torch.tensor([1, 0, 0])          # slot 0 starts a document
+    meta[SLOT] = torch.tensor([0, 1, -1])
     results = torch.full((6, cfg.num_labels), float("nan"))
-    graphs.step_all(plan, state, inp, results, masked=False)
+    graphs.step_all(plan, state, ids, meta, results, masked=False)
     mem = torch.stack([plan.initial_memory, before[1]])
-    logits, new = plan.step(inp[:2, :T], mem, None)
+    logits, new = plan.step(ids[:2], mem, None)
     assert torch.equal(state[2], before[2])                  # idle: untouched, bit for bit
     assert (state[:2] - new.float()).abs().max() <= 1e-6
     assert (results[:2] - logits).abs().max() <= 1e-6 and torch.isnan(results[2:5]).all()
@@ -91,7 +91,7 @@ def test_graph_status_on_cpu():
     engine = Engine(tiny_model())
     assert not engine.cuda_graphs and engine.graphs_status.startswith("off: device cpu")
     assert graphs.why_not(torch.device("cpu")) is not None
-    runner = graphs.StepRunner(engine.plan, 2, 5, use_graphs=True)
+    runner = graphs.StepRunner(engine.plan, 2, 8, 3, use_graphs=True)
     assert runner.status.startswith("eager:")
 
 
@@ -126,27 +126,75 @@ def test_graph_replay_equals_eager(dtype, attention):
         assert (graphed - cpu).abs().max() <= 1e-4
 
 
-@requires_cuda
-def test_warm_up_and_capture_leave_memory_alone():
-    model = _gpu_model()
-    engine = Engine(model, "cuda")
-    runner = graphs.StepRunner(engine.plan, 4, 9, use_graphs=True)
+def _runner_with_live_state(model, device):
+    """A StepRunner for 4 slots whose state, results and ring step 0 hold live-looking values."""
+    engine = Engine(model, device)
+    runner = graphs.StepRunner(engine.plan, 4, 8, 3, use_graphs=True)
     runner.state.copy_(torch.randn_like(runner.state))
     runner.results.copy_(torch.randn_like(runner.results))
-    state, results = runner.state.clone(), runner.results.clone()
-    T = model.config.input_size
-    example = torch.zeros(4, T + EXTRA_COLS, dtype=torch.int64, device="cuda")
-    example[:, :T] = torch.randint(3, 60, (4, T))
-    example[:, T + COL_KEYLEN] = torch.tensor([T, 7, T, 9])
-    example[:, T + COL_DEST] = torch.tensor([0, 8, 1, 8])
-    example[:, T + COL_ACTIVE] = 1
-    example[:, T + COL_RESET] = torch.tensor([1, 0, 0, 1])
-    example[:, T + COL_SLOT] = torch.arange(4)
+    T, vocab = model.config.input_size, model.config.vocab_size
+    runner.ring_ids[0, 0] = torch.randint(3, vocab, (4, T))
+    meta = runner.ring_meta[0, 0]
+    meta[KEY_LEN] = torch.tensor([T, 7, T, 9])
+    meta[DEST] = torch.tensor([0, 8, 1, 8])
+    meta[BUSY] = 1
+    meta[RESET] = torch.tensor([1, 0, 0, 1])
+    meta[SLOT] = torch.arange(4)
+    runner.begin_chunk(0)
+    return runner
+
+
+def _live(runner):
+    return [t.clone() for t in (runner.state, runner.results, runner.cursor)]
+
+
+def test_warm_up_runs_on_scratch_copies():
+    """What CUDA graph capture does first, on the CPU: the warm-up steps compute, and leave the live
+    memory state, results and cursor bit-equal."""
+    runner = _runner_with_live_state(tiny_model(), "cpu")
+    before = _live(runner)
+    calls, step = [], runner.plan.step
+
+    def counting(ids, memory, key_lengths):
+        calls.append(ids.shape[0])
+        return step(ids, memory, key_lengths)
+    runner.plan.step = counting
     for width in (4, 2):
         for masked in (False, True):
-            assert runner._graph(example[:width], masked) is not None, runner.status
+            runner.warm_up(width, masked)
+    assert calls == [4] * 2 * graphs.WARMUP_STEPS + [2] * 2 * graphs.WARMUP_STEPS
+    for got, want in zip(_live(runner), before):
+        assert torch.equal(got, want)
+    runner.step(4, masked=True)                              # the live step still moves them
+    assert int(runner.cursor) == 1 and not torch.equal(runner.state, before[0])
+
+
+def test_warm_up_mid_run_leaves_results_alone():
+    """Warm-ups before every step of a run (as captures happen mid-run on CUDA): the same logits, bit for bit."""
+    model = tiny_model()
+    docs = random_docs(LENGTHS, 60, low=3)
+    want = _static(Engine(model)).classify(docs, batch_size=3)
+    engine = _static(Engine(model))
+    runner = engine._runner(3)
+    live_step = runner.step
+
+    def warm_then_step(width, masked):
+        runner.warm_up(width, masked)
+        live_step(width, masked)
+    runner.step = warm_then_step
+    assert torch.equal(engine.classify(docs, batch_size=3), want)
+
+
+@requires_cuda
+def test_warm_up_and_capture_leave_memory_alone():
+    runner = _runner_with_live_state(_gpu_model(), "cuda")
+    before = _live(runner)
+    for width in (4, 2):
+        for masked in (False, True):
+            assert runner._graph(width, masked) is not None, runner.status
         torch.cuda.synchronize()
-        assert torch.equal(runner.state, state) and torch.equal(runner.results, results)
+        for got, want in zip(_live(runner), before):
+            assert torch.equal(got, want)
 
 
 @requires_cuda

@@ -27,7 +27,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -36,9 +36,12 @@ from .. import _ext, segmentation
 from ..inputs import InvalidDocumentsError, as_documents
 from ..model import RMTForSequenceClassification
 from . import graphs
-from .feeder import (COL_DEST, COL_KEYLEN, COL_RESET, COL_SLOT, ChunkLayout, DocumentError, Feeder, IdsSource,
-                     TextSource)
+from .feeder import Feeder
+from .options import RunOptions
 from .plan import InferencePlan
+from .schedule import ChunkLayout, ChunkMeta
+from .sources import DocumentError, IdsSource, SourcesError, TextSource
+from .steprows import DEST, KEY_LEN, RESET, SLOT
 from .source_watch import SourceWatch
 
 log = logging.getLogger(__name__)
@@ -252,20 +255,25 @@ class Engine:
         return torch.stack([got[d] for d in range(D)])
 
     @_public_call
-    def classify_texts(self, texts: Sequence[str], tokenizer, batch_size: int = 8, empty: str = "error",
-                       progress: bool = False, chunk_chars: int = 1 << 16, workers: int = 2) -> torch.Tensor:
+    def classify_texts(self, texts: Sequence[str], tokenizer, batch_size: Optional[int] = None,
+                       empty: Optional[str] = None, progress: Optional[bool] = None, *,
+                       options: Optional[RunOptions] = None, on_result: Optional[OnResult] = None,
+                       **option_kwargs) -> torch.Tensor:
         """Tokenize texts on ``workers`` threads, ahead of the compute, and classify them.
 
         Each text is tokenized in chunks of about ``chunk_chars`` characters (the same ids as
         tokenizing it whole); with left alignment a text streams through the slots as it is
-        tokenized. A text that cannot be tokenized raises DocumentError naming it.
+        tokenized. A text that cannot be tokenized raises DocumentError naming it. Options and
+        ``on_result`` as in ``classify_stream``.
         """
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("texts must be a list of str, not one str: classify_texts([text], tokenizer)")
         texts = list(texts)
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise InvalidDocumentsError({i: f"expected a str, got {type(t).__name__}"})
-        return self.classify_stream(texts, tokenizer, batch_size=batch_size, empty=empty, progress=progress,
-                                    chunk_chars=chunk_chars, workers=workers, _texts=True)
+        opts = RunOptions.merge(options, batch_size=batch_size, empty=empty, progress=progress, **option_kwargs)
+        return self._stream(iter([(None, t) for t in texts]), len(texts), tokenizer, opts, None, on_result)
 
     @_public_call
     def classify_files(self, paths: Iterable, tokenizer, **kwargs) -> torch.Tensor:
@@ -274,59 +282,87 @@ class Engine:
 
     @_public_call
     @torch.inference_mode()
-    def classify_stream(self, sources: Iterable, tokenizer, batch_size: int = 8, empty: str = "error",
-                        progress: bool = False, chunk_chars: int = 1 << 16, workers: int = 2,
-                        names: Optional[Sequence[str]] = None, errors: str = "strict",
-                        on_error: str = "raise", failures: Optional[Dict[int, str]] = None,
-                        lookahead: Optional[int] = None, _texts: bool = False) -> torch.Tensor:
+    def classify_stream(self, sources: Iterable, tokenizer, batch_size: Optional[int] = None,
+                        empty: Optional[str] = None, progress: Optional[bool] = None, *,
+                        options: Optional[RunOptions] = None, names: Optional[Sequence[str]] = None,
+                        failures: Optional[Dict[int, str]] = None, on_result: Optional[OnResult] = None,
+                        **option_kwargs) -> torch.Tensor:
         """Logits [n, num_labels] of documents read incrementally, in input order.
 
-        sources: an iterable (read lazily) of documents, each a path (``pathlib.Path``), a binary or
-        text file object (a pipe: ``sys.stdin.buffer``), or an iterable of str/bytes pieces of one
-        text. Bytes are decoded as UTF-8 (a leading BOM dropped); errors='strict' rejects invalid
-        bytes, 'replace' uses U+FFFD.
+        sources: an iterable (read lazily) of documents, each a path (``pathlib.Path`` or str), a
+        binary or text file object (a pipe: ``sys.stdin.buffer``), or an iterable of str/bytes
+        pieces of one text. Bytes are decoded as UTF-8 (a leading BOM dropped). names: what errors
+        call each document (default: its path or file name).
+        options: a ``RunOptions``; its fields may also be given as keyword arguments (batch_size,
+        empty, progress, chunk_chars, workers, errors, on_error, lookahead), which override it.
         Memory: token ids never all sit on the device. With ``segment_alignment='left'`` a document
         streams: the host holds a few pieces of its ids at a time, whatever its length. With right
         or center alignment the cut points depend on the length, so each document is tokenized
-        whole on the host (up to ``lookahead`` documents ahead) before it takes a slot.
-        on_error: 'raise' (a DocumentError naming the document stops the run) or 'nan' (that
-        document gets NaN logits and the run goes on; the reasons go into ``failures``, a dict
-        {index: why} the caller passes, or else into one warning per document).
+        whole on the host (up to ``lookahead`` documents ahead) before it takes a slot. Slots are
+        never more than the documents: up to batch_size sources are read ahead to count them.
+        on_error='raise': a DocumentError naming the document stops the run; 'nan': that document
+        gets NaN logits and the run goes on; the reasons go into ``failures`` (a dict {index: why}
+        the caller passes), or else into one warning per document.
+        on_result(index, logits, error): called in input order as soon as a document and every one
+        before it are done (logits [num_labels], NaN with error the reason where it failed).
+        If the iterable of sources itself raises, the documents before that point are finished
+        and a ``SourcesError`` carries their ``results``.
         """
-        self._check_options(batch_size, empty)
         if isinstance(sources, (str, bytes, os.PathLike)) or hasattr(sources, "read"):
             raise TypeError("sources must be an iterable of documents (e.g. a list of paths), not one document")
-        if on_error not in ("raise", "nan"):
-            raise ValueError(f"on_error must be 'raise' or 'nan', got {on_error!r}")
-        if errors not in ("strict", "replace"):
-            raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
+        opts = RunOptions.merge(options, batch_size=batch_size, empty=empty, progress=progress, **option_kwargs)
         names = list(names) if names is not None else None
-        if hasattr(sources, "__len__"):   # no more slots than documents: on CUDA every slot computes
-            batch_size = max(1, min(batch_size, len(sources)))
+        n = len(sources) if hasattr(sources, "__len__") else None
 
         def items():
             for i, src in enumerate(sources):
                 name = names[i] if names is not None and i < len(names) else (
-                    None if _texts else str(src) if isinstance(src, (str, os.PathLike))
-                    else getattr(src, "name", None) or f"stream {i}")
-                if not _texts and isinstance(src, str):
-                    src = Path(src)   # a str source names a file; in-memory texts go through classify_texts
-                yield name, src
+                    str(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", None) or f"stream {i}")
+                yield name, Path(src) if isinstance(src, str) else src   # a str names a file
+        return self._stream(items(), n, tokenizer, opts, failures, on_result)
 
-        source = TextSource(items(), tokenizer, self.config, empty=empty, workers=workers,
-                            lookahead=batch_size + 2 if lookahead is None else lookahead, chunk_chars=chunk_chars,
-                            errors=errors)
+    @torch.inference_mode()
+    def _stream(self, items: Iterator[Tuple[Optional[str], object]], n_items: Optional[int], tokenizer,
+                opts: RunOptions, failures: Optional[Dict[int, str]], on_result: Optional[OnResult]) -> torch.Tensor:
+        """Classify (name, source) items; a source that is a str is a text in memory."""
+        if n_items is None:             # no more slots than documents: on CUDA every slot computes
+            items, n_items = _peek(items, opts.batch_size)
+        slots = opts.batch_size if n_items is None else max(1, min(opts.batch_size, n_items))
+        source = TextSource(items, tokenizer, self.config, empty=opts.empty, workers=opts.workers,
+                            lookahead=slots + 2 if opts.lookahead is None else opts.lookahead,
+                            chunk_chars=opts.chunk_chars, errors=opts.errors, on_error=opts.on_error)
+        got: Dict[int, torch.Tensor] = {}
         failed: Dict[int, DocumentError] = {}
-        got = self._run(source, batch_size, empty, on_error, progress, total=None, failed=failed)
-        n = max([*got, *failed], default=-1) + 1
-        out = torch.full((n, self.config.num_labels), float("nan"))
-        for d, logits in got.items():
-            out[d] = logits
+        in_order = _InOrder(on_result, self.config.num_labels)
+
+        def done(d: int, logits: Optional[torch.Tensor], err: Optional[DocumentError]) -> None:
+            if err is None:
+                got[d] = logits
+            else:
+                failed[d] = err
+            in_order.add(d, logits, err)
+
+        try:
+            self._run(source, slots, opts.empty, opts.on_error, opts.progress, total=None, on_done=done)
+        except SourcesError as e:      # on_error='raise': what was finished goes with the error
+            e.results, e.failures = self._collected(got, failed), {d: f.reason for d, f in failed.items()}
+            raise
+        out = self._collected(got, failed)
         for d, err in sorted(failed.items()):
             if failures is not None:
                 failures[d] = err.reason
             else:
-                warnings.warn(f"document {d} gets NaN logits: {err}", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"document {d} gets NaN logits: {err}", RuntimeWarning, stacklevel=3)
+        if source.failure is not None:
+            source.failure.results, source.failure.failures = out, {d: f.reason for d, f in failed.items()}
+            raise source.failure
+        return out
+
+    def _collected(self, got: Dict[int, torch.Tensor], failed: Dict[int, DocumentError]) -> torch.Tensor:
+        n = max([*got, *failed], default=-1) + 1
+        out = torch.full((n, self.config.num_labels), float("nan"))
+        for d, logits in got.items():
+            out[d] = logits
         return out
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -356,74 +392,87 @@ class Engine:
                       f"{cfg.max_n_segments} ({limit} tokens) and keep only their head, as the reference does",
                       stacklevel=_user_stacklevel())
 
-    def _runner(self, slots: int, result_rows: int) -> graphs.StepRunner:
-        key = (slots, result_rows)
-        if key not in self._runners:
+    def _runner(self, slots: int) -> graphs.StepRunner:
+        if slots not in self._runners:
             if self.cuda_graphs and self._graph_pool is None:
                 # One pool for every batch shape's graphs: replays are sequential on one stream.
                 self._graph_pool = torch.cuda.graph_pool_handle()
-            self._runners[key] = graphs.StepRunner(self.plan, slots, result_rows, self.cuda_graphs,
-                                                   pool=self._graph_pool)
-        return self._runners[key]
+            self._runners[slots] = graphs.StepRunner(self.plan, slots, steps_per_chunk(slots), RING,
+                                                     self.cuda_graphs, pool=self._graph_pool)
+        return self._runners[slots]
 
     def _run(self, source, slots: int, empty: str, on_error: str, progress: bool, total: Optional[int],
-             failed: Optional[Dict[int, DocumentError]] = None) -> Dict[int, torch.Tensor]:
-        """Run every document of ``source``; logits [num_labels] (CPU) by document index."""
+             on_done: Optional[Callable] = None) -> Dict[int, torch.Tensor]:
+        """Run every document of ``source``; logits [num_labels] (CPU) by document index.
+
+        on_done(index, logits, error) is called for each document as soon as its logits are on the
+        host (after its step on the CPU, a chunk later on CUDA) or it failed (logits None).
+        """
         cfg, plan, dev = self.config, self.plan, self.device
         C = steps_per_chunk(slots)
         layout = ChunkLayout(source, cfg, slots, C, RING, empty=empty, on_error=on_error)
-        rows = RING * C * slots + 1                                            # + the sink
         cuda = dev.type == "cuda"
         if self.static_loop:
-            runner = self._runner(slots, rows)
-            results = runner.results
+            runner = self._runner(slots)
+            results, ring = runner.results, runner.ring
         else:
-            runner = None
+            runner, ring = None, None
             state = plan.initial_memory.expand(slots, -1, -1).clone()          # [B, M, H] float32
-            results = torch.zeros(rows, cfg.num_labels, device=dev)
-        host_results = torch.zeros(RING, C * slots, cfg.num_labels, pin_memory=cuda)
+            results = torch.zeros(RING * C * slots + 1, cfg.num_labels, device=dev)
+        host_results = torch.zeros(RING, C * slots, cfg.num_labels, pin_memory=True) if cuda else None
         harvested = [torch.cuda.Event() for _ in range(RING)] if cuda else None
         got: Dict[int, torch.Tensor] = {}
         truncated: List[int] = []
         bar = tqdm(total=total, unit="seg", disable=not progress, desc="segments", dynamic_ncols=True)
         t0, n_seg, n_tok = time.perf_counter(), 0, 0
-        pending = None
+        pending: Optional[ChunkMeta] = None
 
-        def collect(meta):
-            k = meta.ring_slot
-            if cuda:
-                harvested[k].synchronize()
-            base = k * C * slots
-            for d, row in meta.finished:
-                got[d] = host_results[k, row - base].clone()
+        def finish(d: int, logits: torch.Tensor) -> None:
+            got[d] = logits
+            if on_done is not None:
+                on_done(d, logits, None)
+
+        def collect(chunk: ChunkMeta) -> None:         # CUDA: a chunk's results, read one chunk late
+            k = chunk.ring_slot
+            harvested[k].synchronize()
+            for d, row in chunk.finished:
+                finish(d, host_results[k, row - k * C * slots].clone())
 
         try:
-            with Feeder(layout, dev, threaded=self.overlap) as feed:
-                for meta, chunk in feed:
-                    T = cfg.input_size
-                    for c in range(meta.steps):
-                        rows = chunk[c, :meta.width[c]]
+            with Feeder(layout, dev, threaded=self.overlap, ring=ring) as feed:
+                for chunk, ids, meta in feed:           # [C, B, T], [C, FIELDS, B] on the device
+                    if on_done is not None:
+                        for d, err in sorted(chunk.failed.items()):
+                            on_done(d, None, err)
+                    by_step: Dict[int, list] = {}
+                    for d, row in chunk.finished:
+                        by_step.setdefault((row - chunk.ring_slot * C * slots) // slots, []).append((d, row))
+                    if runner is not None:
+                        runner.begin_chunk(chunk.ring_slot)
+                    for c in range(chunk.steps):
                         if runner is not None:
-                            runner.step(rows, meta.masked[c])
+                            runner.step(chunk.width[c], chunk.masked[c])
                         else:
-                            self._compact_step(state, results, rows, T, meta, c)
-                    feed.release(meta)
-                    k = meta.ring_slot
-                    host_results[k].copy_(results[k * C * slots:(k + 1) * C * slots], non_blocking=cuda)
+                            n = chunk.n_busy[c]
+                            self._compact_step(state, results, ids[c, :n], meta[c, :, :n], chunk.masked[c])
+                        if not cuda:                     # on the host already: out at once
+                            for d, row in by_step.get(c, ()):
+                                finish(d, results[row].clone())
+                    feed.release(chunk)
                     if cuda:
+                        k = chunk.ring_slot
+                        host_results[k].copy_(results[k * C * slots:(k + 1) * C * slots], non_blocking=True)
                         harvested[k].record()
-                    if pending is not None:
-                        collect(pending)            # the previous chunk: done by now or soon
-                    pending = meta
-                    truncated += meta.truncated
-                    if failed is not None:
-                        failed.update(meta.failed)
-                    n_seg += meta.n_segments
-                    n_tok += meta.n_tokens
+                        if pending is not None:
+                            collect(pending)            # the previous chunk: done by now or soon
+                        pending = chunk
+                    truncated += chunk.truncated
+                    n_seg += chunk.n_segments
+                    n_tok += chunk.n_tokens
                     if progress:
                         dt = max(time.perf_counter() - t0, 1e-9)
                         bar.set_postfix_str(f"{n_seg / dt:.1f} seg/s, {n_tok / dt:,.0f} tok/s", refresh=False)
-                        bar.update(meta.n_segments)
+                        bar.update(chunk.n_segments)
                 if pending is not None:
                     collect(pending)
         finally:
@@ -432,17 +481,55 @@ class Engine:
             self._warn_cut(sorted(set(truncated)))
         return got
 
-    def _compact_step(self, state, results, step, T: int, meta, c: int) -> None:
-        """One step of the busy rows only (the CPU loop). step: [W, T + 5] int64 (feeder layout)."""
+    def _compact_step(self, state, results, ids, meta, masked: bool) -> None:
+        """One step of the busy rows only (the CPU loop). ids: [n, T], meta: [FIELDS, n] int64 (steprows.py)."""
         plan = self.plan
-        busy = meta.busy[c]
-        if busy is not None:
-            step = step[torch.tensor(busy)]
-        # Column views are strided; kernels get contiguous key lengths (the Triton launcher assumes so).
-        ids, key_len, dest = step[:, :T], step[:, T + COL_KEYLEN].contiguous(), step[:, T + COL_DEST]
-        slot = step[:, T + COL_SLOT].to(state.device)
-        start = (step[:, T + COL_RESET] != 0).to(state.device)[:, None, None]
-        memory = torch.where(start, plan.initial_memory, state[slot])           # [b, M, H]
-        logits, new_mem = plan.step(ids, memory, key_len if meta.masked[c] else None)
+        slot = meta[SLOT]                                                          # [n]
+        start = (meta[RESET] != 0)[:, None, None]                                  # [n, 1, 1]
+        memory = torch.where(start, plan.initial_memory, state[slot])              # [n, M, H]
+        logits, new_mem = plan.step(ids, memory, meta[KEY_LEN] if masked else None)
         _ext.memory_write(state, new_mem, 0, slot)
-        results.index_copy_(0, dest, logits)
+        results.index_copy_(0, meta[DEST], logits)
+
+
+OnResult = Callable[[int, torch.Tensor, Optional[str]], None]
+
+
+class _InOrder:
+    """Hands results to ``callback(index, logits, error)`` in input order, each as soon as it and every
+    earlier one are known (a failed document: NaN logits and its reason)."""
+
+    def __init__(self, callback: Optional[OnResult], num_labels: int):
+        self.callback, self.num_labels = callback, num_labels
+        self.next, self.waiting = 0, {}
+
+    def add(self, index: int, logits: Optional[torch.Tensor], error: Optional[DocumentError]) -> None:
+        if self.callback is None:
+            return
+        if logits is None:
+            logits = torch.full((self.num_labels,), float("nan"))
+        self.waiting[index] = (logits, None if error is None else error.reason)
+        while self.next in self.waiting:
+            logits, reason = self.waiting.pop(self.next)
+            self.callback(self.next, logits, reason)
+            self.next += 1
+
+
+def _peek(items: Iterator, n: int) -> Tuple[Iterator, Optional[int]]:
+    """(all the items again, their count if fewer than ``n``, else None): the first n are read now, to
+    size the slots by the documents there are; an error from the iterator is raised in its turn."""
+    head, error = [], None
+    try:
+        while len(head) < n:
+            head.append(next(items))
+    except StopIteration:
+        return iter(head), len(head)
+    except Exception as e:  # noqa: BLE001 - raised where the source reads it, after the documents before
+        error = e
+
+    def again():
+        yield from head
+        if error is not None:
+            raise error
+        yield from items
+    return again(), (len(head) if error is not None else None)
