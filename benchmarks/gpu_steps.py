@@ -97,23 +97,14 @@ class VramProbe:
 
 
 def attention_used(engine) -> dict:
-    """Which backend the Engine's attention ran, per layer kind, after a run.
+    """Which backend the Engine's attention ran, per layer and variant, after a run.
 
-    Reads the plan's own report (``plan.attention_report``, a dict or a method returning one) where the
-    Engine has it; else the plan's per-shape choices (full layers: Tq = T; the last layer: Tq = M + 1).
+    Reads the plan's own report (``plan.attention_report``: per layer, {'unmasked'/'masked': backend})
+    as {"layer 1, full": name, "layer 1, padded": name, ...}; a plan without it gives {}.
     """
-    plan = engine.plan
-    report = getattr(plan, "attention_report", None)
-    if callable(report):
-        report = report()
-    if isinstance(report, dict) and report:
-        return {str(k): v for k, v in report.items()}
-    if report:
-        return {"report": str(report)}
-    T, M = engine.config.input_size, engine.config.num_mem_tokens
-    layers = {T: "layers 1..L-1", M + 1: "last layer"}
-    return {f"{layers.get(tq, f'Tq={tq}')}, {'full' if unmasked else 'padded'}": name
-            for (tq, unmasked), name in sorted(getattr(plan, "_chosen", {}).items())}
+    report = getattr(engine.plan, "attention_report", None) or []
+    return {f"layer {i + 1}, {'padded' if variant == 'masked' else 'full'}": name
+            for i, layer in enumerate(report) for variant, name in sorted(layer.items())}
 
 
 def backends_in(used: dict) -> set:

@@ -159,10 +159,11 @@ def test_memory_matches_the_allocated_tensors(layers, dtype):
         plan.step(ids, memory, None)
     assert parts["activations"] == live.peak
 
-    rows = runner.RING * runner.steps_per_chunk(B) * B + 1                      # as Engine._run sizes them
-    step_runner = graphs.StepRunner(plan, B, rows, use_graphs=False)
+    step_runner = graphs.StepRunner(plan, B, runner.steps_per_chunk(B), runner.RING, use_graphs=False)
     assert parts["memory state"] == step_runner.state.nbytes
     assert parts["result rows"] == step_runner.results.nbytes
+    cuda_parts = estimate.memory_parts(dims, B, dtype, cuda=True)
+    assert cuda_parts["device ring (ids + meta)"] == step_runner.ring_ids.nbytes + step_runner.ring_meta.nbytes
     assert (estimate.RING, estimate.STEPS_PER_CHUNK) == (runner.RING, runner.STEPS_PER_CHUNK)
 
 
@@ -170,7 +171,8 @@ def test_cuda_parts_and_max_batch():
     d = estimate.bert_base()
     parts = estimate.memory_parts(d, 4, "bfloat16", cuda=True)
     assert parts["CUDA context"] > 0 and parts["cuBLAS workspace"] > 0
-    assert parts["step inputs (every width)"] == 8 * 8 * 517
+    C = max(8, min(estimate.STEPS_PER_CHUNK, 512 // 4))
+    assert parts["device ring (ids + meta)"] == 8 * estimate.RING * C * 4 * 517
     budget = 3 * 2 ** 30
     b = estimate.max_batch(d, "bfloat16", True, budget)
     assert b >= 1

@@ -8,7 +8,7 @@ et al. appendix F, matmuls counted 2 * m * n * k); the pruned last layer, pooler
 the same way for their real row counts.
 
 Memory: what the Engine holds on the device (``memory_parts``): the plan's weights (float32 embedding
-tables, the layers in the compute dtype), per slot the memory state, result rows, step inputs and the
+tables, the layers in the compute dtype), per slot the memory state, result rows and the
 feeder's device ring, one step's live activations at that width, a workspace and the CUDA context.
 """
 from __future__ import annotations
@@ -159,19 +159,20 @@ def memory_parts(d: Dims, batch: int, dtype: str, cuda: bool) -> Dict[str, int]:
     per_slot = {"memory state": 4 * B * M * H,
                 "result rows": 4 * (RING * C * B + 1) * d.labels}
     if cuda:
-        per_slot["step inputs (every width)"] = 8 * (2 * B) * (T + 5)
-        per_slot["feeder device ring"] = 8 * RING * C * B * (T + 5)
-    # Live at the peak of plan.step, inside a middle layer's FFN: the embedding buffer (kept per shape), the
-    # layer's input, its QKV, attention output, post-attention hidden, then FFN in with FFN out, or (GELU
+        # graphs.StepRunner's device ring, which the feeder copies into and the graphs read: int64 ids
+        # [RING, C, B, T] and meta [RING, C, 5, B].
+        per_slot["device ring (ids + meta)"] = 8 * RING * C * B * (T + 5)
+    # Live at the peak of plan.step, inside a middle layer's FFN (the embedding output is freed once the
+    # first layer has read it): the layer's input, its QKV, attention output, post-attention hidden, then FFN in with FFN out, or (GELU
     # unfused) the activation's input and output. The last layer holds K/V over T rows, the rest over M + 1.
     ffn_live = F + H if d.fused_act else max(F + H, 2 * F)
     R = M + 1
     last = T * 3 * H + R * (3 * H + ffn_live)
-    middle = T * (H + H + 3 * H + H + H + ffn_live) if d.layers > 1 else 0
+    middle = T * (H + 3 * H + H + H + ffn_live) if d.layers > 1 else 0
     parts = {"weights": tables + d.layers * layer + heads, **per_slot,
              "gathered memory": 4 * B * M * H, "activations": e * B * max(middle, last)}
     if cuda:
-        parts["graph warm-up copies"] = per_slot["memory state"] + per_slot["result rows"]
+        parts["graph warm-up copies"] = per_slot["memory state"] + per_slot["result rows"] + 8   # + the cursor
         parts["cuBLAS workspace"] = CUBLAS_WORKSPACE_BYTES
         parts["CUDA context"] = CUDA_CONTEXT_BYTES
     return parts
