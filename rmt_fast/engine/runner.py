@@ -78,15 +78,18 @@ class Engine:
     False does it in turn on the caller's thread (the same results, for benchmarks).
     packed_weights: oneDNN pre-packed linear weights, activation fused into the FFN GEMM (None: on the
     CPU in float32/bfloat16 where this torch has oneDNN; ``engine.plan.packed_weights_status`` says).
+    quantize: None, or 'int8' (CPU only): the GEMMs ``engine.plan.int8_gemms`` lists run on int8 weights
+    (per output channel) and per-token int8 activations, summed in int32; the rest as in ``dtype``
+    (``engine.plan.quantize_status`` says which kernel; see ``engine.quant``).
     """
 
     def __init__(self, model: RMTForSequenceClassification, device="cpu", dtype=torch.float32,
                  attention: str = "auto", *, cuda_graphs: Optional[bool] = None, overlap: bool = True,
-                 packed_weights: Optional[bool] = None):
+                 packed_weights: Optional[bool] = None, quantize: Optional[str] = None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.config = model.config
-        self.plan = InferencePlan(model.eval(), self.device, self.dtype, attention, packed_weights)
+        self.plan = InferencePlan(model.eval(), self.device, self.dtype, attention, packed_weights, quantize)
         reason = graphs.why_not(self.device)
         self.cuda_graphs = (reason is None) if cuda_graphs is None else bool(cuda_graphs and self.device.type == "cuda")
         self.overlap = overlap
