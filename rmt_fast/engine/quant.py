@@ -132,7 +132,8 @@ class Int8Linear:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight_t, self.weight_scale, self.bias))
+        """Bytes of every tensor the layer holds (int8 weight, scales, bias)."""
+        return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., K] -> [..., N] in ``out_dtype``."""
