@@ -111,6 +111,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 GEMMs on the CPU (weights per channel, activations per token; docs/ARCHITECTURE.md)")
     p.add_argument("--attention", default="auto")
     p.add_argument("--out", default="bench-results", help="folder for bench.json and bench.png")
     p.set_defaults(func=run)
@@ -121,7 +123,8 @@ def run(args) -> int:
 
     lengths = [int(s) for s in args.segments.split(",")]
     torch.manual_seed(0)
-    engine = Engine(builtin_model(args.layers), device=args.device, dtype=args.dtype, attention=args.attention)
+    engine = Engine(builtin_model(args.layers), device=args.device, dtype=args.dtype, attention=args.attention,
+                    quantize=args.quantize)
     rows = []
     print(f"{'segments':>9} {'tokens':>10} {'ms/segment':>11} {'segments/s':>11} {'peak MiB':>9}")
     for n in lengths:
@@ -131,7 +134,7 @@ def run(args) -> int:
               f"{r['peak_mib']:>9.1f}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": str(engine.device), "dtype": str(engine.dtype), "layers": args.layers,
+    meta = {"device": str(engine.device), "dtype": str(engine.dtype), "quantize": args.quantize, "layers": args.layers,
             "batch_size": args.batch_size, "torch": torch.__version__}
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     plot(rows, out / "bench.png", f"rmt_fast, bert-base shape, {engine.dtype}, {engine.device}, batch {args.batch_size}")

@@ -145,10 +145,10 @@ def test_engine_int8_where_impossible_is_an_error(monkeypatch):
     model = small_model()
     with pytest.raises(ValueError, match="quantize='int4' is not supported; choose None or 'int8'"):
         Engine(model, quantize="int4")
-    with pytest.raises(ValueError, match=r"not possible here: int8 runs on the CPU only \(device cuda"):
+    with pytest.raises(ValueError, match=r"--quantize int8\) is not possible here: int8 runs on the CPU only \(device cuda"):
         quant.check_quantize("int8", torch.device("cuda"))
     monkeypatch.setattr(quant, "_int_mm_problem", lambda: "torch._int_mm failed on the CPU: no kernel")
-    with pytest.raises(ValueError, match="quantize='int8' is not possible here: torch._int_mm failed"):
+    with pytest.raises(ValueError, match=r"int8 \(quantize='int8', --quantize int8\) is not possible here: torch._int_mm failed"):
         Engine(model, dtype="bfloat16", quantize="int8")
 
 
@@ -187,3 +187,31 @@ def test_engine_int8_against_float32_on_long_documents(shipped, dtype):
     assert gap <= {"bfloat16": 0.08, "float32": 0.03}[dtype]
     if dtype == "float32":
         assert gap > 0                          # int8 did run: float32 elsewhere is otherwise exact
+
+
+@requires_int8
+def test_cli_quantize_flag(shipped, tmp_path, capsys, monkeypatch):
+    """`--quantize int8` reaches the Engine from classify (its label is float32's), demo and bench."""
+    import json
+
+    from rmt_fast.cli import main
+    calls = []
+    int8_call = Int8Linear.__call__
+    monkeypatch.setattr(Int8Linear, "__call__", lambda self, x: calls.append(1) or int8_call(self, x))
+    model, gen = shipped
+    path = tmp_path / "doc.txt"
+    path.write_text(gen.tokenizer.decode(gen.sample(20, 0).input_ids.tolist()))
+    labels = []
+    for flags in ([], ["--dtype", "bfloat16", "--quantize", "int8"]):
+        assert main(["classify", "--model", str(DEFAULT_MODEL), "--input", str(path), "--json",
+                     "--no-progress", *flags]) == 0
+        labels.append(json.loads(capsys.readouterr().out.splitlines()[-1])["label"])
+        assert bool(calls) == bool(flags)
+    assert labels[0] == labels[1]
+    for command in (["demo", "--tokens", "300"], ["bench", "--segments", "1", "--layers", "1", "--device", "cpu",
+                                                  "--out", str(tmp_path / "bench")]):
+        calls.clear()
+        assert main([*command, "--dtype", "bfloat16", "--quantize", "int8"]) == 0 and calls, command
+    with pytest.raises(SystemExit):
+        main(["classify", "--model", str(DEFAULT_MODEL), "--input", str(path), "--quantize", "int4"])
+    assert "--quantize: invalid choice: 'int4'" in capsys.readouterr().err

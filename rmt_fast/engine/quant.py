@@ -96,7 +96,7 @@ def check_quantize(quantize: Optional[str], device: torch.device) -> Optional[st
         return "off"
     why_not = int8_available(device)
     if why_not:
-        raise ValueError(f"quantize='int8' is not possible here: {why_not}")
+        raise ValueError(f"int8 (quantize='int8', --quantize int8) is not possible here: {why_not}")
     isa = cpu_int8_isa()
     if isa is None:
         return ("int8 (torch._int_mm; this CPU has no VNNI/AMX int8 instructions: oneDNN's slower int8 "
