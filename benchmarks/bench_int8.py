@@ -1,6 +1,7 @@
 """int8 against bf16 and float32 on the CPU: speed (bert-base shape) and drift (the shipped model).
 
-speed: ms per segment of Engine bfloat16 and Engine bfloat16 + int8, interleaved in one process, on
+Times are wall clock and process CPU time (on a shared machine, CPU time at one thread is the
+cost that time-sharing does not inflate). speed: ms per step of Engine bfloat16 and Engine bfloat16 + int8, interleaved in one process, on
 bert-base-shaped random weights (``rmt_fast.bench.builtin_model``), full 512-token segments, plus the
 GEMM weights' bytes against float32.
     python benchmarks/bench_int8.py speed --layers 12 --batch-sizes 1,8 --segments 2 --out R.json
@@ -11,6 +12,7 @@ accuracy, and the max |logit - float32 logit| per length.
     python benchmarks/bench_int8.py drift --segments 16,256 --samples 100 --out R.json
 Variants: float32; bfloat16; int8 (bf16 elsewhere, the shipped choice); int8-all (also the last layer's
 [CLS]/memory-row GEMMs); int8-f32 (int8 GEMMs, float32 elsewhere: int8's own error without bf16's).
+``kernels`` times the FFN-shaped GEMM as bf16 and as int8, with the int8 layer's parts.
 ``plot`` draws the max logit gap against length from one or more drift JSON files.
 """
 from __future__ import annotations
@@ -79,22 +81,61 @@ def speed(args) -> dict:
         for e in engines.values():
             e.classify(docs[:B], batch_size=B)                                # warm-up
         times = {n: [] for n in names}
+        cpu = {n: [] for n in names}
         for _ in range(args.reps):                                            # interleaved
             for n, e in engines.items():
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 e.classify(docs, batch_size=B)
                 times[n].append((time.perf_counter() - t) * 1e3 / args.segments)
-        row = {"batch": B, **{f"{n}_ms": min(v) for n, v in times.items()}, "all_ms": times,
+                cpu[n].append((time.process_time() - c) * 1e3 / args.segments)
+        row = {"batch": B, **{f"{n}_ms": min(v) for n, v in times.items()},
+               **{f"{n}_cpu_ms": min(v) for n, v in cpu.items()}, "all_ms": times, "all_cpu_ms": cpu,
                "loadavg": os.getloadavg()}
         row["speedup"] = row["bfloat16_ms"] / row["int8_ms"]
+        row["cpu_speedup"] = row["bfloat16_cpu_ms"] / row["int8_cpu_ms"]
         rows.append(row)
-        print(f"B={B}: bf16 {row['bfloat16_ms']:.1f} ms/segment, int8 {row['int8_ms']:.1f}, "
-              f"bf16/int8 {row['speedup']:.2f}x, load {row['loadavg']}", flush=True)
+        print(f"B={B}: wall bf16 {row['bfloat16_ms']:.1f} ms/step, int8 {row['int8_ms']:.1f}, "
+              f"bf16/int8 {row['speedup']:.2f}x; CPU time bf16 {row['bfloat16_cpu_ms']:.1f}, int8 "
+              f"{row['int8_cpu_ms']:.1f}, {row['cpu_speedup']:.2f}x; load {row['loadavg']}", flush=True)
     out = {"machine": machine(), "layers": args.layers, "segments": args.segments, "rows": rows,
            "weights": {n: gemm_bytes(e.plan) for n, e in engines.items()},
            "int8_gemms": engines["int8"].plan.int8_gemms, "quantize_status": engines["int8"].plan.quantize_status}
     print(json.dumps(out["weights"]))
     return out
+
+
+def kernels(args) -> dict:
+    """The FFN input GEMM (rows x 768 @ 768 x 3072, GELU) as bf16 oneDNN and as Int8Linear, and the
+    int8 layer's parts, interleaved; best and median of ``reps`` ms."""
+    from rmt_fast.engine.linear import Linear
+    from rmt_fast.engine.quant import Int8Linear, quantize_rows
+    M, K, N = args.rows, 768, 3072
+    x = torch.randn(M, K).to(torch.bfloat16)
+    w, b = torch.randn(N, K) / K ** 0.5, torch.randn(N)
+    int8, bf16 = Int8Linear(w, b, "gelu"), Linear(w.to(torch.bfloat16), b.to(torch.bfloat16), "gelu", pack=True)
+    qx, sx = quantize_rows(x)
+    acc = torch._int_mm(qx, int8.qweight_t)
+    y = torch.addcmul(int8.bias, acc * sx, int8.weight_scale)
+    cases = {"bf16 packed GEMM + GELU": lambda: bf16(x), "Int8Linear (all below)": lambda: int8(x),
+             "quantize activations": lambda: quantize_rows(x), "torch._int_mm": lambda: torch._int_mm(qx, int8.qweight_t),
+             "dequantize (acc * sx, + bias * sw)": lambda: torch.addcmul(int8.bias, acc * sx, int8.weight_scale),
+             "GELU float32": lambda: torch.nn.functional.gelu(y), "to bfloat16": lambda: y.to(torch.bfloat16)}
+    times = {k: [] for k in cases}
+    for f in cases.values():
+        f()
+    cpu = {k: [] for k in cases}
+    for _ in range(args.reps):
+        for k, f in cases.items():
+            t, c = time.perf_counter(), time.process_time()
+            f()
+            times[k].append((time.perf_counter() - t) * 1e3)
+            cpu[k].append((time.process_time() - c) * 1e3)
+    rows = {k: {"best_ms": min(v), "median_ms": sorted(v)[len(v) // 2], "best_cpu_ms": min(cpu[k]),
+                "median_cpu_ms": sorted(cpu[k])[len(v) // 2]} for k, v in times.items()}
+    for k, r in rows.items():
+        print(f"{k:36s} wall best {r['best_ms']:7.2f} median {r['median_ms']:7.2f} ms; "
+              f"CPU best {r['best_cpu_ms']:7.2f} median {r['median_cpu_ms']:7.2f} ms")
+    return {"machine": machine(), "rows": rows, "shape": [M, K, N]}
 
 
 def drift(args) -> dict:
@@ -157,6 +198,9 @@ def main() -> None:
     s.add_argument("--batch-sizes", type=ints, default=[1, 8])
     s.add_argument("--segments", type=int, default=2)
     s.add_argument("--reps", type=int, default=3)
+    k = sub.add_parser("kernels")
+    k.add_argument("--rows", type=int, default=512)
+    k.add_argument("--reps", type=int, default=15)
     d = sub.add_parser("drift")
     d.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     d.add_argument("--task", default="detect")
@@ -167,12 +211,12 @@ def main() -> None:
                    default=list(VARIANTS))
     g = sub.add_parser("plot")
     g.add_argument("inputs", nargs="+")
-    for q in (s, d, g):
+    for q in (s, k, d, g):
         q.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     if args.cmd == "plot":
         return plot(args)
-    result = speed(args) if args.cmd == "speed" else drift(args)
+    result = {"speed": speed, "kernels": kernels, "drift": drift}[args.cmd](args)
     result["command"] = "python benchmarks/bench_int8.py " + " ".join(os.sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
