@@ -172,11 +172,15 @@ def plot(args) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = sorted((r for f in args.inputs for r in json.loads(Path(f).read_text())["rows"]),
-                  key=lambda r: r["segments"])
+    merged: dict = {}                                  # segments -> the variants measured (several files)
+    for f in args.inputs:
+        for r in json.loads(Path(f).read_text())["rows"]:
+            merged.setdefault(r["segments"], {}).update(r)
+    rows = [merged[k] for k in sorted(merged)]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for n in [v for v in VARIANTS if v != "float32" and v in rows[0]]:
-        ax.plot([r["segments"] for r in rows], [r[n]["max_logit_gap"] for r in rows], "o-", label=n)
+    for n in [v for v in VARIANTS if v != "float32"]:
+        have = [r for r in rows if n in r]
+        ax.plot([r["segments"] for r in have], [r[n]["max_logit_gap"] for r in have], "o-", label=n)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("segments per document (Detect & Memorize, shipped model)")
     ax.set_ylabel("max |logit - float32 logit|")

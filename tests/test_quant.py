@@ -69,7 +69,7 @@ def test_activation_quantization_is_per_token(dtype, shape):
 
 @requires_int8
 @pytest.mark.parametrize("act", [None, "gelu", "relu"])
-@pytest.mark.parametrize("lead", [(1,), (2, 7), (3, 65), (2, 300)])          # 600 rows: two row blocks
+@pytest.mark.parametrize("lead", [(1,), (2, 7), (3, 65), (2, 300)])          # 600 rows: three row blocks
 @pytest.mark.parametrize("K,N", [(1, 1), (33, 101), (768, 2 * 768 + 3)])
 def test_int8_linear_against_float64_oracle_of_same_quantization(act, lead, K, N):
     x = torch.randn(*lead, K).to(torch.bfloat16) * 3

@@ -28,7 +28,7 @@ import torch
 from .linear import Linear
 
 QMAX = 127                                    # symmetric: -127..127 (never -128)
-ROW_BLOCK = 512                               # rows quantized, multiplied and dequantized at a time
+ROW_BLOCK = 256                               # rows quantized, multiplied and dequantized at a time
 QUANTIZE_MODES = (None, "int8")
 # GEMMs of the last layer that stay in the plan's dtype (they compute [CLS] and the memory rows only);
 # benchmarks/bench_int8.py empties it to measure the drift of int8 there.
