@@ -118,7 +118,7 @@ def kernels(args) -> dict:
     y = torch.addcmul(int8.bias, acc * sx, int8.weight_scale)
     cases = {"bf16 packed GEMM + GELU": lambda: bf16(x), "Int8Linear (all below)": lambda: int8(x),
              "quantize activations": lambda: quantize_rows(x), "torch._int_mm": lambda: torch._int_mm(qx, int8.qweight_t),
-             "dequantize (acc * sx, + bias * sw)": lambda: torch.addcmul(int8.bias, acc * sx, int8.weight_scale),
+             "dequantize (acc * sx * sw + bias)": lambda: torch.addcmul(int8.bias, acc.float().mul_(sx), int8.weight_scale),
              "GELU float32": lambda: torch.nn.functional.gelu(y), "to bfloat16": lambda: y.to(torch.bfloat16)}
     times = {k: [] for k in cases}
     for f in cases.values():

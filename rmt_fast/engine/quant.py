@@ -152,7 +152,8 @@ class Int8Linear:
         """rows: [R, K] -> [R, N] in ``out_dtype``."""
         qx, sx = quantize_rows(rows)                                             # [R, K], [R, 1]
         acc = torch._int_mm(qx, self.qweight_t)                                 # [R, N] int32
-        y = torch.addcmul(self.bias, acc * sx, self.weight_scale)               # [R, N] float32
+        y = acc.float().mul_(sx)                     # [R, N] float32; a same-dtype multiply is vectorized
+        y = torch.addcmul(self.bias, y, self.weight_scale, out=y)               # (int32 * float32 is not)
         if self._act is not None:
             y = self._act(y)
         return y.to(self.out_dtype)
