@@ -111,6 +111,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 GEMMs on the CPU (weights per channel, activations per token; docs/ARCHITECTURE.md)")
     p.add_argument("--attention", default="auto")
     p.add_argument("--out", default="bench-results", help="folder for bench.json and bench.png")
     p.add_argument("--no-plot", action="store_true", help="skip bench.png (needs matplotlib)")
@@ -124,7 +126,8 @@ def run(args) -> int:
     if not args.no_plot:
         plotting.require_matplotlib()
     torch.manual_seed(0)
-    engine = Engine(builtin_model(args.layers), device=args.device, dtype=args.dtype, attention=args.attention)
+    engine = Engine(builtin_model(args.layers), device=args.device, dtype=args.dtype, attention=args.attention,
+                    quantize=args.quantize)
     rows = []
     print(f"{'segments':>9} {'tokens':>10} {'ms/segment':>11} {'segments/s':>11} {'peak MiB':>9}")
     for n in args.segments:
@@ -132,7 +135,7 @@ def run(args) -> int:
         rows.append(r)
         print(f"{r['segments']:>9} {r['tokens']:>10} {r['ms_per_segment']:>11.1f} {r['segments_per_s']:>11.2f} "
               f"{r['peak_mib']:>9.1f}", flush=True)
-    meta = {"device": str(engine.device), "dtype": str(engine.dtype), "layers": args.layers,
+    meta = {"device": str(engine.device), "dtype": str(engine.dtype), "quantize": args.quantize, "layers": args.layers,
             "batch_size": args.batch_size, "torch": torch.__version__}
     files.write_text(out / "bench.json", json.dumps({"meta": meta, "rows": rows}, indent=2))
     written = [out / "bench.json"]

@@ -26,6 +26,8 @@ def _add_classify(subparsers):
     p.add_argument("--input", nargs="+", required=True, help="text files ('-' reads standard input)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 GEMMs on the CPU (weights per channel, activations per token; docs/ARCHITECTURE.md)")
     p.add_argument("--attention", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--empty", choices=["error", "special"], default="error",
@@ -64,7 +66,8 @@ def run_classify(args) -> int:
         print("error: a reference checkpoint needs --tokenizer", file=sys.stderr)
         return 2
     tokenizer = load_tokenizer(tok_path)
-    engine = Engine(model, device=args.device, dtype=args.dtype, attention=args.attention)
+    engine = Engine(model, device=args.device, dtype=args.dtype, attention=args.attention,
+                    quantize=args.quantize)
     labels = model.config.label_names or tuple(str(i) for i in range(model.config.num_labels))
     done, failed = [0], [0]
 
@@ -133,6 +136,7 @@ def run_info(args) -> int:
         print(f"extension     not available ({e})")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     from .engine.linear import packing_available
+    from .engine.quant import check_quantize
     for dev in devices:
         for dtype in (torch.float32, torch.bfloat16):
             status = backends.available(torch.device(dev), dtype)
@@ -141,6 +145,10 @@ def run_info(args) -> int:
             why_not = packing_available(torch.device(dev), dtype)
             print(f"packed linear {dev}/{str(dtype).replace('torch.', '')}: "
                   + ("yes (oneDNN)" if why_not is None else f"no ({why_not})"))
+        try:
+            print(f"int8 linear {dev}: yes, {check_quantize('int8', torch.device(dev))}")
+        except ValueError as e:
+            print(f"int8 linear {dev}: no ({e})")
     from .envvars import describe
     print("environment (build, debug and test switches only):")
     print(describe())

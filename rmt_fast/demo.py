@@ -20,6 +20,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--seed", type=nonnegative_int, default=0, help="which generated document")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 GEMMs on the CPU (weights per channel, activations per token; docs/ARCHITECTURE.md)")
     p.set_defaults(func=run)
 
 
@@ -40,7 +42,7 @@ def run(args) -> int:
           f"{cfg.segment_size} text tokens (task '{sample.task}')")
     print(f"hidden fact(s): {' '.join(sample.facts)!r} at {where}")
     print(f"question at the end: {sample.question!r}")
-    engine = Engine(model, device=args.device, dtype=args.dtype)
+    engine = Engine(model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     t0 = time.perf_counter()
     probs = engine.classify([sample.input_ids], batch_size=1, progress=True).softmax(-1)[0]
     seconds = time.perf_counter() - t0

@@ -26,6 +26,7 @@ from .. import _ext
 from ..model import RMTForSequenceClassification
 from . import backends
 from .linear import Linear, packing_available
+from .quant import check_quantize, int8_gemms, make_linear
 
 
 @dataclass
@@ -66,7 +67,7 @@ class InferencePlan:
     """
 
     def __init__(self, model: RMTForSequenceClassification, device: torch.device, dtype: torch.dtype,
-                 attention: str = "auto", packed_weights: Optional[bool] = None):
+                 attention: str = "auto", packed_weights: Optional[bool] = None, quantize: Optional[str] = None):
         _check_supported(model)
         self.config = model.config
         self.device, self.dtype, self.attention = device, dtype, attention
@@ -81,6 +82,7 @@ class InferencePlan:
             raise ValueError(f"packed_weights=True is not possible here: {why_not}")
         self.packed_weights = why_not is None if packed_weights is None else bool(packed_weights)
         self.packed_weights_status = "on (oneDNN)" if self.packed_weights else f"off: {why_not or 'turned off'}"
+        self.quantize, self.quantize_status = quantize, check_quantize(quantize, device)   # raises where it cannot run
 
         def f32(t):
             return t.detach().to(device=device, dtype=torch.float32).contiguous()
@@ -107,16 +109,19 @@ class InferencePlan:
             qkv_w = low(torch.cat([sa.query.weight.float() * scale, sa.key.weight, sa.value.weight]))
             qkv_b = low(torch.cat([sa.query.bias.float() * scale, sa.key.bias, sa.value.bias]))
             split = i == last
+
+            def lin(name, w, b, act=None, i=i):  # int8 (quant.py) where quantize chose it, else Linear
+                return make_linear(self.quantize, name, i == last, w, b, act, pack, dtype)
             self.layers.append(LayerWeights(
-                qkv=None if split else Linear(qkv_w, qkv_b, pack=pack),
-                q=Linear(qkv_w[:H], qkv_b[:H], pack=pack) if split else None,     # row slices: contiguous
-                kv=Linear(qkv_w[H:], qkv_b[H:], pack=pack) if split else None,
-                out=Linear(low(ao.dense.weight), low(ao.dense.bias), pack=pack),
+                qkv=None if split else lin("qkv", qkv_w, qkv_b),
+                q=lin("q", qkv_w[:H], qkv_b[:H]) if split else None,     # row slices: contiguous
+                kv=lin("kv", qkv_w[H:], qkv_b[H:]) if split else None,
+                out=lin("out", low(ao.dense.weight), low(ao.dense.bias)),
                 ln1_w=low(ao.LayerNorm.weight), ln1_b=low(ao.LayerNorm.bias),
-                ffn_in=Linear(low(layer.intermediate.dense.weight), low(layer.intermediate.dense.bias),
-                              act=act, pack=pack),
-                ffn_out=Linear(low(layer.output.dense.weight), low(layer.output.dense.bias), pack=pack),
+                ffn_in=lin("ffn_in", low(layer.intermediate.dense.weight), low(layer.intermediate.dense.bias), act),
+                ffn_out=lin("ffn_out", low(layer.output.dense.weight), low(layer.output.dense.bias)),
                 ln2_w=low(layer.output.LayerNorm.weight), ln2_b=low(layer.output.LayerNorm.bias)))
+        self.int8_gemms = int8_gemms(self.layers)                                       # ['layer 0 qkv', ...]
         self.pooler_w, self.pooler_b = low(model.bert.pooler.dense.weight), low(model.bert.pooler.dense.bias)
         classifier = model.model.classifier
         self.cls_w, self.cls_b = low(classifier.weight), low(classifier.bias)

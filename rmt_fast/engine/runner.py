@@ -116,6 +116,10 @@ class Engine:
     False does it in turn on the caller's thread (the same results, for benchmarks).
     packed_weights: oneDNN pre-packed linear weights, activation fused into the FFN GEMM (None: on the
     CPU in float32/bfloat16 where this torch has oneDNN; ``engine.plan.packed_weights_status`` says).
+    quantize: None, or 'int8' (CPU only): the GEMMs ``engine.plan.int8_gemms`` lists run on int8 weights
+    (per output channel) and per-token int8 activations, summed in int32; the rest as in ``dtype``
+    (``engine.plan.quantize_status`` says which kernel; see ``engine.quant``).
+
     An option set explicitly (True, or a named backend) that cannot be met here raises ValueError or
     RuntimeError at construction; None/'auto' choose quietly.
 
@@ -130,7 +134,7 @@ class Engine:
 
     def __init__(self, model: RMTForSequenceClassification, device="cpu", dtype=torch.float32,
                  attention: str = "auto", *, cuda_graphs: Optional[bool] = None, overlap: bool = True,
-                 packed_weights: Optional[bool] = None):
+                 packed_weights: Optional[bool] = None, quantize: Optional[str] = None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         cuda_graphs = _optional_bool("cuda_graphs", cuda_graphs)
@@ -146,11 +150,11 @@ class Engine:
         # The static all-slot loop: always on CUDA; settable on the CPU to test that loop there.
         self.static_loop = self.device.type == "cuda"
         self._graphs_off_reason = None if self.cuda_graphs else (reason or "turned off (cuda_graphs=False)")
-        self._model, self._plan_options = model, (attention, packed_weights)
+        self._model, self._plan_options = model, (attention, packed_weights, quantize)
         self._lock = threading.RLock()          # rebuilding the plan; a static-loop call (shared runners)
         self._bound = threading.local()         # .plan: the plan of the call running on this thread
         self._watch = SourceWatch(model)        # recorded before the plan reads the weights
-        self._plan = InferencePlan(model, self.device, self.dtype, attention, packed_weights)
+        self._plan = InferencePlan(model, self.device, self.dtype, *self._plan_options)
         self._runners: Dict[tuple, graphs.StepRunner] = {}
         self._graph_pool = None
 

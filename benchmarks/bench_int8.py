@@ -1,0 +1,232 @@
+"""int8 against bf16 and float32 on the CPU: speed (bert-base shape) and drift (the shipped model).
+
+Times are wall clock and process CPU time (on a shared machine, CPU time at one thread is the
+cost that time-sharing does not inflate). speed: ms per step of Engine bfloat16 and Engine bfloat16 + int8, interleaved in one process, on
+bert-base-shaped random weights (``rmt_fast.bench.builtin_model``), full 512-token segments, plus the
+GEMM weights' bytes against float32.
+    python benchmarks/bench_int8.py speed --layers 12 --batch-sizes 1,8 --segments 2 --out R.json
+
+drift: the shipped model (rmt_fast/data/default_model) on Detect & Memorize test documents (seed 1234,
+as docs/RESULTS.md), each length's documents classified by every variant; label agreement with float32,
+accuracy, and the max |logit - float32 logit| per length.
+    python benchmarks/bench_int8.py drift --segments 16,256 --samples 100 --out R.json
+Variants: float32; bfloat16; int8 (bf16 elsewhere, the shipped choice); int8-all (also the last layer's
+[CLS]/memory-row GEMMs); int8-f32 (int8 GEMMs, float32 elsewhere: int8's own error without bf16's).
+``kernels`` times the FFN-shaped GEMM as bf16 and as int8, with the int8 layer's parts.
+``plot`` draws the max logit gap against length from one or more drift JSON files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from rmt_fast import Engine
+from rmt_fast.engine import quant
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "rmt_fast" / "data" / "default_model"
+VARIANTS = {  # name -> (dtype, quantize, int8 also on the last layer's [CLS]/memory rows)
+    "float32": ("float32", None, False),
+    "bfloat16": ("bfloat16", None, False),
+    "int8": ("bfloat16", "int8", False),
+    "int8-all": ("bfloat16", "int8", True),
+    "int8-f32": ("float32", "int8", False),
+}
+
+
+def make_engine(model, variant: str) -> Engine:
+    dtype, quantize, all_rows = VARIANTS[variant]
+    kept = quant.LAST_LAYER_KEPT
+    quant.LAST_LAYER_KEPT = () if all_rows else kept
+    try:
+        return Engine(model, dtype=dtype, quantize=quantize)
+    finally:
+        quant.LAST_LAYER_KEPT = kept
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "int8_isa": quant.cpu_int8_isa(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "loadavg": os.getloadavg()}
+
+
+def gemm_bytes(plan) -> dict:
+    """Bytes of the plan's layer GEMM weights (scales and biases included) and their float32 size."""
+    got = f32 = 0
+    for w in plan.layers:
+        for name in quant.GEMM_NAMES:
+            lin = getattr(w, name)
+            if lin is None:
+                continue
+            f32 += 4 * (lin.out_features * lin.in_features + lin.out_features)
+            got += lin.nbytes if isinstance(lin, quant.Int8Linear) else \
+                lin.bias.numel() * lin.bias.element_size() + lin.out_features * lin.in_features * lin.bias.element_size()
+    return {"bytes": got, "float32_bytes": f32, "ratio": got / f32}
+
+
+def speed(args) -> dict:
+    from rmt_fast.bench import builtin_model
+    torch.manual_seed(0)
+    model = builtin_model(args.layers)
+    names = ["bfloat16", "int8"]
+    engines = {n: make_engine(model, n) for n in names}
+    S, rows = model.config.segment_size, []
+    for B in args.batch_sizes:
+        docs = [torch.randint(1000, 20000, (S * args.segments,)) for _ in range(B)]
+        for e in engines.values():
+            e.classify(docs[:B], batch_size=B)                                # warm-up
+        times = {n: [] for n in names}
+        cpu = {n: [] for n in names}
+        for _ in range(args.reps):                                            # interleaved
+            for n, e in engines.items():
+                t, c = time.perf_counter(), time.process_time()
+                e.classify(docs, batch_size=B)
+                times[n].append((time.perf_counter() - t) * 1e3 / args.segments)
+                cpu[n].append((time.process_time() - c) * 1e3 / args.segments)
+        row = {"batch": B, **{f"{n}_ms": min(v) for n, v in times.items()},
+               **{f"{n}_cpu_ms": min(v) for n, v in cpu.items()}, "all_ms": times, "all_cpu_ms": cpu,
+               "loadavg": os.getloadavg()}
+        row["speedup"] = row["bfloat16_ms"] / row["int8_ms"]
+        row["cpu_speedup"] = row["bfloat16_cpu_ms"] / row["int8_cpu_ms"]
+        rows.append(row)
+        print(f"B={B}: wall bf16 {row['bfloat16_ms']:.1f} ms/step, int8 {row['int8_ms']:.1f}, "
+              f"bf16/int8 {row['speedup']:.2f}x; CPU time bf16 {row['bfloat16_cpu_ms']:.1f}, int8 "
+              f"{row['int8_cpu_ms']:.1f}, {row['cpu_speedup']:.2f}x; load {row['loadavg']}", flush=True)
+    out = {"machine": machine(), "layers": args.layers, "segments": args.segments, "rows": rows,
+           "weights": {n: gemm_bytes(e.plan) for n, e in engines.items()},
+           "int8_gemms": engines["int8"].plan.int8_gemms, "quantize_status": engines["int8"].plan.quantize_status}
+    print(json.dumps(out["weights"]))
+    return out
+
+
+def kernels(args) -> dict:
+    """The FFN input GEMM (rows x 768 @ 768 x 3072, GELU) as bf16 oneDNN and as Int8Linear, and the
+    int8 layer's parts, interleaved; best and median of ``reps`` ms."""
+    from rmt_fast.engine.linear import Linear
+    from rmt_fast.engine.quant import Int8Linear, quantize_rows
+    M, K, N = args.rows, 768, 3072
+    x = torch.randn(M, K).to(torch.bfloat16)
+    w, b = torch.randn(N, K) / K ** 0.5, torch.randn(N)
+    int8, bf16 = Int8Linear(w, b, "gelu"), Linear(w.to(torch.bfloat16), b.to(torch.bfloat16), "gelu", pack=True)
+    qx, sx = quantize_rows(x)
+    acc = torch._int_mm(qx, int8.qweight_t)
+    y = torch.addcmul(int8.bias, acc * sx, int8.weight_scale)
+    cases = {"bf16 packed GEMM + GELU": lambda: bf16(x), "Int8Linear (all below)": lambda: int8(x),
+             "quantize activations": lambda: quantize_rows(x), "torch._int_mm": lambda: torch._int_mm(qx, int8.qweight_t),
+             "dequantize (acc * sx * sw + bias)": lambda: torch.addcmul(int8.bias, acc.float().mul_(sx), int8.weight_scale),
+             "GELU float32": lambda: torch.nn.functional.gelu(y), "to bfloat16": lambda: y.to(torch.bfloat16)}
+    times = {k: [] for k in cases}
+    for f in cases.values():
+        f()
+    cpu = {k: [] for k in cases}
+    for _ in range(args.reps):
+        for k, f in cases.items():
+            t, c = time.perf_counter(), time.process_time()
+            f()
+            times[k].append((time.perf_counter() - t) * 1e3)
+            cpu[k].append((time.process_time() - c) * 1e3)
+    rows = {k: {"best_ms": min(v), "median_ms": sorted(v)[len(v) // 2], "best_cpu_ms": min(cpu[k]),
+                "median_cpu_ms": sorted(cpu[k])[len(v) // 2]} for k, v in times.items()}
+    for k, r in rows.items():
+        print(f"{k:36s} wall best {r['best_ms']:7.2f} median {r['median_ms']:7.2f} ms; "
+              f"CPU best {r['best_cpu_ms']:7.2f} median {r['median_cpu_ms']:7.2f} ms")
+    return {"machine": machine(), "rows": rows, "shape": [M, K, N]}
+
+
+def drift(args) -> dict:
+    from rmt_fast.model import RMTForSequenceClassification
+    from rmt_fast.tasks import TaskGenerator, load_tokenizer
+    model = RMTForSequenceClassification.from_pretrained(str(args.model))
+    gen = TaskGenerator(args.task, load_tokenizer(str(args.model)), model.config, split="test", seed=1234)
+    engines = {n: make_engine(model, n) for n in args.variants}
+    rows = []
+    for n_seg in args.segments:
+        ids, labels = gen.batch(n_seg, range(args.samples))
+        logits, secs = {}, {}
+        for n, e in engines.items():
+            t = time.perf_counter()
+            logits[n] = e.classify(ids, batch_size=args.batch_size)
+            secs[n] = time.perf_counter() - t
+        ref = logits["float32"]
+        row = {"segments": n_seg, "samples": args.samples, "seconds": secs}
+        for n, lg in logits.items():
+            pred = lg.argmax(1)
+            row[n] = {"accuracy": (pred == labels).float().mean().item(),
+                      "agree_with_float32": (pred == ref.argmax(1)).sum().item(),
+                      "max_logit_gap": (lg - ref).abs().max().item(),
+                      "mean_logit_gap": (lg - ref).abs().max(1).values.mean().item()}
+        row["float32_logit_range"] = [ref.min().item(), ref.max().item()]
+        rows.append(row)
+        print(f"{n_seg} segments: " + "; ".join(
+            f"{n} acc {row[n]['accuracy']:.2f} agree {row[n]['agree_with_float32']}/{args.samples} "
+            f"gap {row[n]['max_logit_gap']:.4f}" for n in engines), flush=True)
+    return {"machine": machine(), "task": args.task, "model": str(args.model), "rows": rows}
+
+
+def plot(args) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    merged: dict = {}                                  # segments -> the variants measured (several files)
+    for f in args.inputs:
+        for r in json.loads(Path(f).read_text())["rows"]:
+            merged.setdefault(r["segments"], {}).update(r)
+    rows = [merged[k] for k in sorted(merged)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for n in [v for v in VARIANTS if v != "float32"]:
+        have = [r for r in rows if n in r]
+        ax.plot([r["segments"] for r in have], [r[n]["max_logit_gap"] for r in have], "o-", label=n)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("segments per document (Detect & Memorize, shipped model)")
+    ax.set_ylabel("max |logit - float32 logit|")
+    ax.set_title("int8 and bf16 drift against float32 over length")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(str(args.out) + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, args.out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ints = lambda s: [int(x) for x in s.split(",")]                        # noqa: E731
+    s = sub.add_parser("speed")
+    s.add_argument("--layers", type=int, default=12)
+    s.add_argument("--batch-sizes", type=ints, default=[1, 8])
+    s.add_argument("--segments", type=int, default=2)
+    s.add_argument("--reps", type=int, default=3)
+    k = sub.add_parser("kernels")
+    k.add_argument("--rows", type=int, default=512)
+    k.add_argument("--reps", type=int, default=15)
+    d = sub.add_parser("drift")
+    d.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    d.add_argument("--task", default="detect")
+    d.add_argument("--segments", type=ints, default=[16, 256])
+    d.add_argument("--samples", type=int, default=100)
+    d.add_argument("--batch-size", type=int, default=100)
+    d.add_argument("--variants", type=lambda s: ["float32", *[v for v in s.split(",") if v != "float32"]],
+                   default=list(VARIANTS))
+    g = sub.add_parser("plot")
+    g.add_argument("inputs", nargs="+")
+    for q in (s, k, d, g):
+        q.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    if args.cmd == "plot":
+        return plot(args)
+    result = {"speed": speed, "kernels": kernels, "drift": drift}[args.cmd](args)
+    result["command"] = "python benchmarks/bench_int8.py " + " ".join(os.sys.argv[1:])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()

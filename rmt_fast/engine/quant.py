@@ -1,0 +1,176 @@
+"""int8 linear layers for the CPU plan: int8 x int8 products accumulated in int32 by ``torch._int_mm``.
+
+- Weights are quantized once, when the plan is built: symmetric, one scale per output channel
+  (``w ~ scale_w[n] * q_w[n, k]``, ``q_w`` in [-127, 127]).
+- Activations are quantized at run time, symmetric, one scale per token (row):
+  ``x ~ scale_x[r] * q_x[r, k]``.
+- ``y[r, n] = scale_x[r] * scale_w[n] * sum_k q_x[r, k] q_w[n, k] + bias[n]``: the sum is exact (int32),
+  the rest in float32, rounded once to the plan's dtype at the end (after the activation, as the bf16
+  path's fused GELU does).
+
+Why ``torch._int_mm`` and not fbgemm's dynamic linear (``torch.ops.quantized.linear_dynamic``) nor
+oneDNN's ``qlinear_pointwise``: fbgemm quantizes activations with one scale for the whole tensor
+(asymmetric uint8), not per token, and oneDNN's op takes one activation scale as well and ran a slow
+reference path for signed int8 input here. Measurements: docs/ARCHITECTURE.md and docs/PERF.md.
+
+Which GEMMs run in int8 is decided by ``int8_gemm`` (measured drift, docs/PERF.md): every GEMM of
+every layer but the last; in the last layer only the key/value projection (it reads every row of
+the segment; the other GEMMs there compute [CLS] and the memory rows only, which feed the next
+segment's memory and the logits directly). The pooler and classifier stay in the plan's dtype.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional, Tuple
+
+import torch
+
+from .linear import Linear
+
+QMAX = 127                                    # symmetric: -127..127 (never -128)
+ROW_BLOCK = 256                               # rows quantized, multiplied and dequantized at a time
+QUANTIZE_MODES = (None, "int8")
+# GEMMs of the last layer that stay in the plan's dtype (they compute [CLS] and the memory rows only);
+# benchmarks/bench_int8.py empties it to measure the drift of int8 there.
+LAST_LAYER_KEPT = ("q", "out", "ffn_in", "ffn_out")
+
+
+def quantize_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (q [N, K] int8, scale [N] float32), symmetric per output channel."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / QMAX      # [N]
+    q = torch.round(w / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def quantize_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x [R, K] (any float dtype) -> (q [R, K] int8, scale [R, 1] float32), symmetric per row (token).
+
+    Computed in float32 (x.abs().amax and an in-place divide: measured 30-40x faster here than
+    ``vector_norm(inf)`` and a mixed-dtype divide); a row of zeros gets q = 0.
+    """
+    xf = x.to(torch.float32, copy=True)                                        # divided in place below
+    scale = xf.abs().amax(dim=1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny).div_(QMAX)
+    q = xf.div_(scale).round_().to(torch.int8)
+    return q, scale
+
+
+@lru_cache(maxsize=None)
+def _int_mm_problem() -> Optional[str]:
+    """None if ``torch._int_mm`` runs on the CPU and is exact on a small odd problem, else why not."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randint(-127, 128, (5, 37), generator=g, dtype=torch.int8)
+        b = torch.randint(-127, 128, (11, 37), generator=g, dtype=torch.int8)
+        got = torch._int_mm(a, b.t())
+    except (RuntimeError, AttributeError, NotImplementedError) as e:
+        return f"torch._int_mm failed on the CPU: {str(e).splitlines()[0]}"
+    want = a.long() @ b.long().t()
+    if got.dtype != torch.int32 or not torch.equal(got.long(), want):
+        return "torch._int_mm disagrees with an integer matmul"
+    return None
+
+
+@lru_cache(maxsize=None)
+def cpu_int8_isa() -> Optional[str]:
+    """The CPU's int8 dot-product instructions ('amx_int8', 'avx512_vnni', 'avx_vnni'), None without."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return next((isa for isa in ("amx_int8", "avx512_vnni", "avx_vnni") if isa in flags), None)
+
+
+def int8_available(device: torch.device) -> Optional[str]:
+    """None if int8 linear layers run on ``device``, else the reason."""
+    if torch.device(device).type != "cpu":
+        return f"int8 runs on the CPU only (device {device})"
+    return _int_mm_problem()
+
+
+def check_quantize(quantize: Optional[str], device: torch.device) -> Optional[str]:
+    """Validate ``quantize``; raise where int8 cannot run. Returns the plan's status line."""
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize={quantize!r} is not supported; choose None or 'int8'")
+    if quantize is None:
+        return "off"
+    why_not = int8_available(device)
+    if why_not:
+        raise ValueError(f"int8 (quantize='int8', --quantize int8) is not possible here: {why_not}")
+    isa = cpu_int8_isa()
+    if isa is None:
+        return ("int8 (torch._int_mm; this CPU has no VNNI/AMX int8 instructions: oneDNN's slower int8 "
+                "path, likely slower than bfloat16)")
+    return f"int8 (torch._int_mm, {isa})"
+
+
+def int8_gemm(name: str, last_layer: bool) -> bool:
+    """Whether the GEMM ``name`` (qkv, q, kv, out, ffn_in, ffn_out) runs in int8 (docs/PERF.md)."""
+    return not (last_layer and name in LAST_LAYER_KEPT)
+
+
+class Int8Linear:
+    """y = act(x @ weight.T + bias) with int8 weights and per-token int8 activations, int32 sums.
+
+    weight: [N, K], bias: [N] (any float dtype); output in ``out_dtype``.
+    """
+
+    packed = False
+    quantized = True
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, act: Optional[str] = None,
+                 out_dtype: torch.dtype = torch.bfloat16):
+        self.out_features, self.in_features = weight.shape
+        q, self.weight_scale = quantize_weight(weight)                          # [N, K] int8, [N] f32
+        self.qweight_t = q.t()                                                  # [K, N] view
+        self.bias = bias.detach().float().contiguous()                          # [N] float32
+        self.out_dtype = out_dtype
+        self._act = None
+        if act:
+            from transformers.activations import ACT2FN
+            self._act = ACT2FN[act]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor the layer holds (int8 weight, scales, bias)."""
+        return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., K] -> [..., N] in ``out_dtype``."""
+        lead, rows = x.shape[:-1], x.reshape(-1, self.in_features)             # [R, K]
+        if rows.shape[0] <= ROW_BLOCK:
+            return self._block(rows).view(*lead, self.out_features)
+        # Blocks of rows keep the int32 and float32 intermediates in cache (measured: a batch of 8
+        # segments in one piece took 2.3x the CPU time of 8 single segments).
+        out = torch.empty(rows.shape[0], self.out_features, dtype=self.out_dtype, device=x.device)
+        for r in range(0, rows.shape[0], ROW_BLOCK):
+            out[r:r + ROW_BLOCK] = self._block(rows[r:r + ROW_BLOCK])
+        return out.view(*lead, self.out_features)
+
+    def _block(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows: [R, K] -> [R, N] in ``out_dtype``."""
+        qx, sx = quantize_rows(rows)                                             # [R, K], [R, 1]
+        acc = torch._int_mm(qx, self.qweight_t)                                 # [R, N] int32
+        y = acc.float().mul_(sx)                     # [R, N] float32; a same-dtype multiply is vectorized
+        y = torch.addcmul(self.bias, y, self.weight_scale, out=y)               # (int32 * float32 is not)
+        if self._act is not None:
+            y = self._act(y)
+        return y.to(self.out_dtype)
+
+
+GEMM_NAMES = ("qkv", "q", "kv", "out", "ffn_in", "ffn_out")
+
+
+def make_linear(quantize: Optional[str], name: str, last_layer: bool, weight: torch.Tensor, bias: torch.Tensor,
+                act: Optional[str], pack: bool, dtype: torch.dtype):
+    """The plan's linear layer ``name``: an Int8Linear where ``quantize`` and ``int8_gemm`` say so."""
+    if quantize == "int8" and int8_gemm(name, last_layer):
+        return Int8Linear(weight, bias, act, out_dtype=dtype)
+    return Linear(weight, bias, act=act, pack=pack)
+
+
+def int8_gemms(layers) -> list:
+    """'layer I NAME' of every int8 GEMM in a plan's layers (``InferencePlan.int8_gemms``)."""
+    return [f"layer {i} {n}" for i, w in enumerate(layers) for n in GEMM_NAMES
+            if isinstance(getattr(w, n), Int8Linear)]
