@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .. import _ext, segmentation
 from ..inputs import InvalidDocumentsError, as_documents
 from ..model import RMTForSequenceClassification
-from . import graphs
+from . import device_policy, graphs
 from .feeder import (COL_DEST, COL_KEYLEN, COL_RESET, COL_SLOT, ChunkLayout, DocumentError, Feeder, IdsSource,
                      TextSource)
 from .plan import InferencePlan
@@ -80,11 +80,11 @@ class Engine:
     CPU in float32/bfloat16 where this torch has oneDNN; ``engine.plan.packed_weights_status`` says).
     """
 
-    def __init__(self, model: RMTForSequenceClassification, device="cpu", dtype=torch.float32,
+    def __init__(self, model: RMTForSequenceClassification, device="cpu", dtype="auto",
                  attention: str = "auto", *, cuda_graphs: Optional[bool] = None, overlap: bool = True,
                  packed_weights: Optional[bool] = None):
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype)
+        self.dtype = device_policy.resolve(dtype, self.device, resolve_dtype)
         self.config = model.config
         self.plan = InferencePlan(model.eval(), self.device, self.dtype, attention, packed_weights)
         reason = graphs.why_not(self.device)
