@@ -114,6 +114,8 @@ def run_info(args) -> int:
             why_not = packing_available(torch.device(dev), dtype)
             print(f"packed linear {dev}/{str(dtype).replace('torch.', '')}: "
                   + ("yes (oneDNN)" if why_not is None else f"no ({why_not})"))
+    from .engine.device_policy import describe  # what dtype="auto" and attention="auto" pick, and why
+    print("\n".join(line for dev in devices for line in describe(torch.device(dev))))
     return 0
 
 

@@ -70,3 +70,14 @@ def test_engine_defaults_to_auto(monkeypatch, native, want):
 def test_describe_names_the_dtype_and_why():
     lines = device_policy.describe(CPU)
     assert lines[0].startswith("dtype auto cpu: float32 (pinned by RMT_FAST_AUTO_CPU_DTYPE)"), lines
+
+
+@pytest.mark.parametrize("capability, dtype, backend", [((6, 1), "float32", "sdpa"), ((7, 5), "float16", "sdpa"),
+                                                        ((9, 0), "bfloat16", "triton")])
+def test_describe_on_a_faked_gpu(monkeypatch, capability, dtype, backend):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_60", "sm_70", "sm_75", "sm_80", "sm_90"])
+    sm = f"sm_{capability[0]}{capability[1]}"
+    dtype_line, attention_line = device_policy.describe(CUDA)
+    assert dtype_line.startswith(f"dtype auto cuda ({sm}): {dtype} ("), dtype_line
+    assert attention_line.startswith(f"attention auto cuda ({sm})/{dtype}: {backend}"), attention_line
