@@ -39,8 +39,8 @@ def test_weight_bytes_match_the_plan(dtype):
     assert memory_budget.weight_bytes(model.config, bc, dtype) == _plan_tensors(engine.plan)
 
 
-@pytest.mark.parametrize("slots", [3, 4])
-def test_static_buffers_match_the_runner(slots):
+@pytest.mark.parametrize("slots, widths", [(3, {1, 2, 3}), (4, {1, 2, 4})])
+def test_static_buffers_match_the_runner(slots, widths):
     model = tiny_model()
     engine = Engine(model, dtype="float32")
     engine.static_loop = True                                      # the CUDA loop, on the CPU
@@ -48,10 +48,10 @@ def test_static_buffers_match_the_runner(slots):
     engine.classify(docs, batch_size=slots)
     (runner,) = engine._runners.values()
     est = memory_budget.estimate(model.config, model.model.config, torch.float32, slots)
-    exact = runner.state.nbytes + runner.results.nbytes
-    inputs = sum(t.nbytes for t in runner._inp.values())
     width_bytes = 8 * (model.config.input_size + 5)
-    assert exact + inputs <= est.static <= exact + width_bytes * (2 * slots)
+    assert set(runner._inp) <= widths                              # the widths the feeder compacts to
+    assert all(t.nbytes == width_bytes * w for w, t in runner._inp.items())
+    assert est.static == runner.state.nbytes + runner.results.nbytes + width_bytes * sum(widths)
 
 
 def test_max_slots_fits_the_budget_and_one_more_does_not():
