@@ -186,11 +186,21 @@ def cuda_choice(dtype: torch.dtype, capability: Tuple[int, int], head_dim: int, 
     return None, passed
 
 
+def _capability(device: torch.device) -> Optional[Tuple[int, int]]:
+    """The GPU's compute capability; None where torch cannot say (a CPU build: the backends' own checks
+    then give the reason)."""
+    try:
+        return tuple(torch.cuda.get_device_capability(device))
+    except (AssertionError, RuntimeError):
+        return None
+
+
 def why_not(name: str, q, k, v, key_lengths=None) -> Optional[str]:
     if name not in _IMPLS:
         return f"unknown attention backend {name!r}; choose from {BACKENDS} or 'auto'"
-    if q.device.type == "cuda":
-        reason = cuda_why_not(name, q.dtype, torch.cuda.get_device_capability(q.device), q.shape[-1])
+    capability = _capability(q.device) if q.device.type == "cuda" else None
+    if capability is not None:
+        reason = cuda_why_not(name, q.dtype, capability, q.shape[-1])
         if reason:
             return reason
     return _WHY_NOT[name](q, k, v, key_lengths)
