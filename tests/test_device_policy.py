@@ -20,17 +20,20 @@ def test_auto_on_each_gpu_generation(capability, want):
 
 
 @pytest.mark.parametrize("native, want", [(True, torch.bfloat16), (False, torch.float32)])
-def test_auto_on_the_cpu_follows_its_bf16_instructions(monkeypatch, native, want):
-    monkeypatch.delenv(device_policy.CPU_PIN_VAR, raising=False)
+def test_auto_on_the_cpu_follows_its_bf16_instructions(native, want):
     assert device_policy.auto_dtype(CPU, cpu_bf16=lambda: native)[0] == want
 
 
-def test_the_cpu_pin_is_honoured_and_checked(monkeypatch):
-    monkeypatch.setenv(device_policy.CPU_PIN_VAR, "bfloat16")
-    assert device_policy.auto_dtype(CPU, cpu_bf16=lambda: False)[0] == torch.bfloat16
-    monkeypatch.setenv(device_policy.CPU_PIN_VAR, "float16")
-    with pytest.raises(ValueError, match="RMT_FAST_AUTO_CPU_DTYPE"):
-        device_policy.auto_dtype(CPU)
+def test_the_pin_is_honoured_and_checked(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))
+    monkeypatch.setenv(device_policy.PIN_VAR, "bfloat16")
+    assert device_policy.resolve("auto", CPU, resolve_dtype) == torch.bfloat16
+    with pytest.raises(ValueError, match="bfloat16 needs .* sm_61"):   # a pin is still checked on the GPU
+        device_policy.resolve("auto", CUDA, resolve_dtype)
+    monkeypatch.setenv(device_policy.PIN_VAR, "int8")
+    with pytest.raises(ValueError, match="RMT_FAST_AUTO_DTYPE='int8'"):
+        device_policy.resolve("auto", CPU, resolve_dtype)
+    assert device_policy.resolve("float16", CPU, resolve_dtype) == torch.float16   # only auto is pinned
 
 
 def test_cpu_capability_names_with_bf16():
@@ -51,6 +54,7 @@ def test_explicit_bfloat16_below_sm80_is_a_clear_error(monkeypatch, capability):
 @pytest.mark.parametrize("capability, want", [((6, 1), torch.float32), ((7, 5), torch.float16),
                                               ((9, 0), torch.bfloat16)])
 def test_resolve_auto_on_a_faked_gpu(monkeypatch, capability, want):
+    monkeypatch.delenv(device_policy.PIN_VAR)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert device_policy.resolve("auto", CUDA, resolve_dtype) == want
     assert device_policy.resolve("AUTO", CUDA, resolve_dtype) == want
@@ -60,7 +64,7 @@ def test_resolve_auto_on_a_faked_gpu(monkeypatch, capability, want):
 
 @pytest.mark.parametrize("native, want", [(True, torch.bfloat16), (False, torch.float32)])
 def test_engine_defaults_to_auto(monkeypatch, native, want):
-    monkeypatch.delenv(device_policy.CPU_PIN_VAR, raising=False)
+    monkeypatch.delenv(device_policy.PIN_VAR)
     monkeypatch.setattr(device_policy, "cpu_has_native_bf16", lambda: native)
     engine = Engine(tiny_model())
     assert engine.dtype == want and engine.plan.dtype == want
@@ -69,12 +73,13 @@ def test_engine_defaults_to_auto(monkeypatch, native, want):
 
 def test_describe_names_the_dtype_and_why():
     lines = device_policy.describe(CPU)
-    assert lines[0].startswith("dtype auto cpu: float32 (pinned by RMT_FAST_AUTO_CPU_DTYPE)"), lines
+    assert "RMT_FAST_AUTO_DTYPE=float32 pins" in lines[0], lines     # the suite's pin, said
 
 
 @pytest.mark.parametrize("capability, dtype, backend", [((6, 1), "float32", "sdpa"), ((7, 5), "float16", "sdpa"),
                                                         ((9, 0), "bfloat16", "triton")])
 def test_describe_on_a_faked_gpu(monkeypatch, capability, dtype, backend):
+    monkeypatch.delenv(device_policy.PIN_VAR)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_60", "sm_70", "sm_75", "sm_80", "sm_90"])
     sm = f"sm_{capability[0]}{capability[1]}"

@@ -21,8 +21,9 @@ import torch
 
 BF16_MIN_CAPABILITY = (8, 0)      # native bfloat16 arithmetic (Ampere)
 FP16_MIN_CAPABILITY = (7, 0)      # float16 tensor cores (Volta); Pascal's fp16 is 1/64 rate on GP102
-# Pins what auto picks on the CPU (float32 or bfloat16): the test suite sets float32, the checking dtype.
-CPU_PIN_VAR = "RMT_FAST_AUTO_CPU_DTYPE"
+# Pins what "auto" resolves to on every device (e.g. float32): the test suite sets float32, the dtype its
+# oracle checks use, so Engine(model) keeps meaning float32 there.
+PIN_VAR = "RMT_FAST_AUTO_DTYPE"
 
 
 def sm_name(capability: Tuple[int, int]) -> str:
@@ -51,11 +52,6 @@ def auto_dtype(device: torch.device, capability: Optional[Tuple[int, int]] = Non
                                    "the memory state stays float32")
         return torch.float32, (f"{sm_name(cap)} (pre-Volta) runs float16 at a small fraction of its "
                                "float32 rate and has no bfloat16")
-    pinned = os.environ.get(CPU_PIN_VAR, "").strip().lower()
-    if pinned:
-        if pinned not in ("float32", "bfloat16"):
-            raise ValueError(f"{CPU_PIN_VAR}={pinned!r}: choose float32 or bfloat16")
-        return getattr(torch, pinned), f"pinned by {CPU_PIN_VAR}"
     native = (cpu_bf16 or cpu_has_native_bf16)()
     if native:
         return torch.bfloat16, "this CPU has native bfloat16 instructions (AVX512-BF16/AMX)"
@@ -75,9 +71,16 @@ def check_dtype_on_device(dtype: torch.dtype, device: torch.device,
 
 
 def resolve(dtype, device: torch.device, parse: Callable) -> torch.dtype:
-    """The Engine's dtype: ``"auto"`` by the rule above, else ``parse(dtype)`` checked against the GPU."""
+    """The Engine's dtype: ``"auto"`` by the rule above (or as $RMT_FAST_AUTO_DTYPE pins it), else
+    ``parse(dtype)``; either checked against the GPU."""
     if isinstance(dtype, str) and dtype.lower() == "auto":
-        return auto_dtype(device)[0]
+        pinned = os.environ.get(PIN_VAR, "").strip()
+        if not pinned:
+            return auto_dtype(device)[0]
+        try:
+            dtype = parse(pinned)
+        except ValueError as e:
+            raise ValueError(f"{PIN_VAR}={pinned!r}: {e}") from None
     resolved = parse(dtype)
     check_dtype_on_device(resolved, device)
     return resolved
@@ -112,6 +115,8 @@ def describe(device: torch.device, head_dim: int = 64) -> list:
     """Lines for ``rmt-fast info``: the dtype auto picks on ``device``, and auto's attention backend."""
     from . import backends
     dtype, why = auto_dtype(device)
+    if os.environ.get(PIN_VAR, "").strip():
+        why += f"; but {PIN_VAR}={os.environ[PIN_VAR].strip()} pins what auto resolves to"
     name = str(device) if device.type == "cpu" else f"{device} ({sm_name(torch.cuda.get_device_capability(device))})"
     lines = [f"dtype auto {name}: {str(dtype).replace('torch.', '')} ({why})"]
     if device.type == "cuda":
