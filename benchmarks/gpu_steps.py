@@ -1,6 +1,6 @@
 """Step bodies of the GPU check (``gpu_check.py`` runs each in its own process, under its own timeout).
 
-    python benchmarks/gpu_steps.py STEP [--dry-run]      # STEP: env, install, bench, long_run, plan_vs_measured
+    python benchmarks/gpu_steps.py STEP [--dry-run]      # STEP: env, install, bench, long_run, plan_vs_measured, pascal_budget
 
 Each body writes its numbers to ``$GPU_CHECK_JSON`` (atomically, and again after every measurement, so a
 step killed by its timeout keeps what it measured) and exits non-zero when its check fails. With
@@ -369,8 +369,70 @@ def step_plan_vs_measured(args, rec: Recorder) -> int:
     return 0
 
 
+def step_pascal_budget(args, rec: Recorder) -> int:
+    """The GTX 1080 Ti's run emulated (issue 16): 11 GiB cap, float32, the attention an sm_61 GPU gets.
+
+    (1) One document of 4,096 segments at B=1: time and peak by all three measures, next to
+    memory_budget's estimate (the report's "3.6 GB" is the base model's figure). (2) The slot count
+    ``max_memory="10GiB"`` chooses, one 2-segment document per slot: the measured peak must fit the budget.
+    """
+    import torch
+
+    from rmt_fast import Engine
+    from rmt_fast.engine import backends, memory_budget
+
+    z = _sizes(args)
+    dev, cuda = z["device"], z["device"] == "cuda"
+    budget = 10 * 2**30 if cuda else 64 * MIB
+    if cuda:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, 11 * 2**30 / total), 0)
+    torch.manual_seed(0)
+    model = _model(args, z["layers"])
+    cfg, bconf = model.config, model.model.config
+    head_dim = bconf.hidden_size // bconf.num_attention_heads
+    attention, _ = backends.cuda_choice(torch.float32, (6, 1), head_dim, arch_list=["sm_60"])
+    engine = Engine(model, dev, torch.float32, attention=attention)
+    S, n = cfg.segment_size, z["long_segments"]
+    doc = torch.randint(1000, cfg.vocab_size, (n * S,))
+    engine.classify([doc[:2 * S]], batch_size=1)                       # warm-up: capture
+    est1 = memory_budget.estimate(cfg, bconf, torch.float32, 1, cuda_graphs=cuda)
+    result = {"attention_sm61": attention, "estimate_b1_mib": est1.total / MIB, "segments": n}
+    probe = VramProbe(dev) if cuda else None
+    t0 = time.perf_counter()
+    with (probe or _Nothing()):
+        engine.classify([doc], batch_size=1)
+    result.update(seconds=time.perf_counter() - t0, used=attention_used(engine))
+    if probe:
+        result.update(b1_peak_absolute_mib={k: v / MIB for k, v in probe.absolute.items()})
+    rec.set(**result)
+    best = memory_budget.max_slots(cfg, bconf, torch.float32, budget, cuda_graphs=cuda)
+    result.update(chosen_slots=best.slots, estimate_mib=best.total / MIB, estimate=best.describe())
+    rec.set(**result)
+    docs = [torch.randint(1000, cfg.vocab_size, (2 * S,)) for _ in range(best.slots)]
+    engine.classify(docs[:best.slots], batch_size=best.slots)          # warm-up: capture at this width
+    probe = VramProbe(dev) if cuda else None
+    with (probe or _Nothing()):
+        engine.classify(docs, batch_size=best.slots)
+    if probe:
+        result.update(slots_peak_absolute_mib={k: v / MIB for k, v in probe.absolute.items()},
+                      fits=probe.absolute["reserved"] <= budget)
+    rec.set(**result, summary=f"B=1 fp32 {n} segments in {result['seconds']:.1f} s; max_memory chose "
+            f"{best.slots} slots (estimate {best.total / MIB:.0f} MiB)")
+    print(json.dumps(result, indent=1, default=str))
+    return 0 if result.get("fits", True) else 1
+
+
+class _Nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 STEPS = {"env": step_env, "install": step_install, "bench": step_bench, "long_run": step_long_run,
-         "plan_vs_measured": step_plan_vs_measured}
+         "plan_vs_measured": step_plan_vs_measured, "pascal_budget": step_pascal_budget}
 
 
 def main(argv=None) -> int:

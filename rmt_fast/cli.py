@@ -25,7 +25,7 @@ def _add_classify(subparsers):
     p.add_argument("--tokenizer", help="tokenizer folder or vocab.txt (default: the model folder's)")
     p.add_argument("--input", nargs="+", required=True, help="text files ('-' reads standard input)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="auto", help="auto (the device's best, see rmt-fast info), float32, bfloat16 or float16")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 GEMMs on the CPU (weights per channel, activations per token; docs/ARCHITECTURE.md)")
     p.add_argument("--attention", default="auto")
@@ -149,9 +149,11 @@ def run_info(args) -> int:
             print(f"int8 linear {dev}: yes, {check_quantize('int8', torch.device(dev))}")
         except ValueError as e:
             print(f"int8 linear {dev}: no ({e})")
-    from .envvars import describe
+    from . import envvars
+    from .engine import device_policy   # what dtype="auto" and attention="auto" pick, and why
+    print("\n".join(line for dev in devices for line in device_policy.describe(torch.device(dev))))
     print("environment (build, debug and test switches only):")
-    print(describe())
+    print(envvars.describe())
     return 0
 
 

@@ -19,7 +19,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--tokens", type=positive_int, default=1_000_000, help="text tokens in the document (about)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="which generated document")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="auto", help="auto (the device's best, see rmt-fast info), float32, bfloat16 or float16")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 GEMMs on the CPU (weights per channel, activations per token; docs/ARCHITECTURE.md)")
     p.set_defaults(func=run)

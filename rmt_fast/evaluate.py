@@ -34,7 +34,7 @@ def predict(model, docs, batch_size: int = 8, device="cpu", progress: bool = Fal
     if engine is None:
         from .engine import Engine
 
-        engine = Engine(model, device=device)
+        engine = Engine(model, device=device, dtype="float32")   # accuracy is reported in float32
     return engine.classify(docs, batch_size=batch_size, progress=progress)
 
 
@@ -78,7 +78,7 @@ def evaluate_model(model, tokenizer, task: str, lengths: Sequence[int], samples:
     from .engine import Engine
 
     rank, world = distributed.rank_and_world()
-    engine = engine if engine is not None else Engine(model, device=device)
+    engine = engine if engine is not None else Engine(model, device=device, dtype="float32")
     gen = T.TaskGenerator(task, tokenizer, model.config, split=split, seed=seed)
     rows = []
     for n in lengths:
@@ -210,7 +210,7 @@ def run(args) -> int:
         loaded = [(name, RMTForSequenceClassification.from_pretrained(path), T.load_tokenizer(path))
                   for name, path in models]
         for name, model, tokenizer in loaded:
-            engine = Engine(model, device=args.device)  # one per model: weights packed once
+            engine = Engine(model, device=args.device, dtype="float32")  # one per model; float32 results
             for task in task_names:
                 rows += evaluate_model(model, tokenizer, task, lengths, args.samples, name=name,
                                        long_samples=args.long_samples, long_from=args.long_from,

@@ -13,6 +13,11 @@ import torch
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+# Engine's dtype="auto" means bfloat16 on a CPU with native bf16 and on sm_80+ GPUs; the tests compare
+# with the float32 oracle, so auto is pinned to float32 here (and in subprocesses); test_device_policy.py
+# unpins it where it tests auto itself.
+os.environ.setdefault("RMT_FAST_AUTO_DTYPE", "float32")
+
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -54,13 +54,13 @@ def test_the_cpu_order_is_unchanged(fake_gpu):
 
 
 class _FakeCudaTensor:
-    """Just what ``select`` reads from q: its device and dtype."""
+    """Just what ``select`` reads from q: its device, dtype and shape."""
     def __init__(self, dtype):
-        self.device, self.dtype = CUDA, dtype
+        self.device, self.dtype, self.shape = CUDA, dtype, (1, 2, 1, 64)
 
 
 @pytest.mark.parametrize("dtype, capability, want", [
-    (torch.float32, (9, 0), "sdpa"), (torch.bfloat16, (9, 0), "triton"), (torch.bfloat16, (7, 5), "sdpa")])
+    (torch.float32, (9, 0), "sdpa"), (torch.bfloat16, (9, 0), "triton"), (torch.float16, (7, 5), "sdpa")])
 def test_auto_takes_the_first_backend_that_can_run(fake_gpu, monkeypatch, dtype, capability, want):
     fake_gpu(*capability)
     monkeypatch.setattr(backends, "_WHY_NOT", {name: (lambda q, k, v, kl: None) for name in backends.BACKENDS})

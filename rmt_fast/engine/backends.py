@@ -131,9 +131,78 @@ def priority(device: torch.device, dtype: torch.dtype) -> tuple:
     return ("sdpa", "matmul", "cpp")
 
 
+# Triton's README lists "NVIDIA GPUs (Compute Capability 8.0+)" as its supported hardware (section
+# "Compatibility", since triton-lang/triton PR #5066, Nov 2024, which dropped pre-Ampere MMA for an FMA
+# fallback). The installed Triton 3.9 agrees in code: backends/nvidia/compiler.py pipelines loads and
+# uses tensor-core MMA only for capability 8.x and up (make_ttgir), and torch's own Triton gate is
+# only >= 7.0 (torch/utils/_triton.py), which is not a promise from Triton. Below 8.0 the kernel would
+# run its dots on FMA units untuned and untested (and bfloat16 not at all): not chosen there.
+TRITON_MIN_CAPABILITY = (8, 0)
+
+
+def cuda_why_not(name: str, dtype: torch.dtype, capability: Tuple[int, int], head_dim: int,
+                 arch_list=None) -> Optional[str]:
+    """Why backend ``name`` cannot run ``dtype`` attention on a GPU of ``capability`` (None: it can).
+
+    Decided from the device and the installed libraries alone (no tensors), so a table of GPUs can be
+    checked without one; ``why_not`` asks this first for CUDA inputs, then the backend's own checks.
+    """
+    from .device_policy import BF16_MIN_CAPABILITY, sm_name, torch_why_not
+    sm = sm_name(capability)
+    reason = torch_why_not(capability, arch_list)
+    if reason:
+        return reason
+    if name == "cpp":
+        return "the cpp backend runs on the CPU only, not on CUDA tensors"
+    if dtype == torch.bfloat16 and tuple(capability) < BF16_MIN_CAPABILITY:
+        return f"{sm} has no native bfloat16 (compute capability 8.0+ needed)"
+    if name == "triton":
+        if tuple(capability) < TRITON_MIN_CAPABILITY:
+            version = _triton_version()
+            return (f"Triton{' ' + version if version else ''} supports NVIDIA GPUs of compute capability 8.0+ "
+                    f"(its README), not {sm}")
+        from ..kernels.attention import SUPPORTED_HEAD_DIMS
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            return f"head_dim {head_dim} is not supported (only {', '.join(map(str, SUPPORTED_HEAD_DIMS))})"
+    return None
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return ""
+    return triton.__version__
+
+
+def cuda_choice(dtype: torch.dtype, capability: Tuple[int, int], head_dim: int, arch_list=None):
+    """(backend auto picks, {backend passed over: why}) on a GPU of ``capability``; (None, ...) if none can."""
+    passed = {}
+    for name in cuda_priority(dtype, capability):
+        reason = cuda_why_not(name, dtype, capability, head_dim, arch_list)
+        if reason is None:
+            return name, passed
+        passed[name] = reason
+    return None, passed
+
+
+def _capability(device: torch.device) -> Optional[Tuple[int, int]]:
+    """The GPU's compute capability; None where torch cannot say (a CPU build: the backends' own checks
+    then give the reason)."""
+    try:
+        return tuple(torch.cuda.get_device_capability(device))
+    except (AssertionError, RuntimeError):
+        return None
+
+
 def why_not(name: str, q, k, v, key_lengths=None) -> Optional[str]:
     if name not in _IMPLS:
         return f"unknown attention backend {name!r}; choose from {BACKENDS} or 'auto'"
+    capability = _capability(q.device) if q.device.type == "cuda" else None
+    if capability is not None:
+        reason = cuda_why_not(name, q.dtype, capability, q.shape[-1])
+        if reason:
+            return reason
     return _WHY_NOT[name](q, k, v, key_lengths)
 
 

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .. import _ext, segmentation
 from ..inputs import InvalidDocumentsError, as_documents
 from ..model import RMTForSequenceClassification
-from . import graphs
+from . import device_policy, graphs
 from .feeder import Feeder
 from .options import RunOptions
 from .plan import InferencePlan
@@ -76,7 +76,7 @@ def resolve_dtype(dtype) -> torch.dtype:
         return dtype
     if isinstance(dtype, str) and dtype.lower() in DTYPES:
         return DTYPES[dtype.lower()]
-    raise ValueError(f"dtype {dtype!r} is not supported; choose float32, bfloat16 or float16")
+    raise ValueError(f"dtype {dtype!r} is not supported; choose auto, float32, bfloat16 or float16")
 
 
 def _optional_bool(name: str, value) -> Optional[bool]:
@@ -132,11 +132,11 @@ class Engine:
     and graphs that hold one memory state each, so its calls take turns (a lock held for the call).
     """
 
-    def __init__(self, model: RMTForSequenceClassification, device="cpu", dtype=torch.float32,
+    def __init__(self, model: RMTForSequenceClassification, device="cpu", dtype="auto",
                  attention: str = "auto", *, cuda_graphs: Optional[bool] = None, overlap: bool = True,
                  packed_weights: Optional[bool] = None, quantize: Optional[str] = None):
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype)
+        self.dtype = device_policy.resolve(dtype, self.device, resolve_dtype)
         cuda_graphs = _optional_bool("cuda_graphs", cuda_graphs)
         packed_weights = _optional_bool("packed_weights", packed_weights)
         if not isinstance(overlap, bool):
