@@ -1,6 +1,6 @@
 """The reference's segmentation of documents, vectorised over a whole batch of documents.
 
-Steps (REFERENCE.md): remove every PAD, CLS and SEP id; keep the head ``S * max_n_segments`` tokens;
+Steps (docs/REFERENCE.md): remove every PAD, CLS and SEP id; keep the head ``S * max_n_segments`` tokens;
 cut into segments of at most S text tokens (right alignment: the first segment holds the remainder;
 left: the last; center: ``ceil(L / ceil(L / S))`` tokens each); lay each segment out as
 ``[CLS] m_1..m_M [SEP] x_1..x_k [SEP] [PAD]...``.

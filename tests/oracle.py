@@ -1,4 +1,4 @@
-"""An independent, deliberately slow implementation of REFERENCE.md: the test oracle.
+"""An independent, deliberately slow implementation of docs/REFERENCE.md: the test oracle.
 
 It shares no code with rmt_fast: plain Python lists for segmentation, the Hugging Face backbone
 called once per segment per document (batch 1), the obvious way. Run it in float32 or float64.

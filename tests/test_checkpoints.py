@@ -1,4 +1,4 @@
-"""Checkpoints: a reference-format model_best.pth written here from REFERENCE.md's key list, round trips."""
+"""Checkpoints: a reference-format model_best.pth written here from docs/REFERENCE.md's key list, round trips."""
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification

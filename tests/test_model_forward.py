@@ -45,7 +45,7 @@ def test_forward_takes_a_padded_id_tensor_like_the_reference():
 
 
 def test_default_alignment_is_right():
-    """The reference cuts from the end (REFERENCE.md): pinned here, and by every oracle test through helpers.oracle."""
+    """The reference cuts from the end (docs/REFERENCE.md): pinned here, and by every oracle test through helpers.oracle."""
     assert RMTConfig(vocab_size=200).segment_alignment == "right"
     model = tiny_model()
     assert model.config.segment_alignment == "right"
