@@ -150,8 +150,8 @@ def run_info(args) -> int:
         except ValueError as e:
             print(f"int8 linear {dev}: no ({e})")
     from . import envvars
-    from .engine import device_policy   # what dtype="auto" and attention="auto" pick, and why
-    print("\n".join(line for dev in devices for line in device_policy.describe(torch.device(dev))))
+    # what dtype="auto" and attention="auto" pick on each device, and why
+    print("\n".join(line for dev in devices for line in backends.describe_auto(torch.device(dev))))
     print("environment (build, debug and test switches only):")
     print(envvars.describe())
     return 0

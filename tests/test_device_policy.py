@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import tiny_model
-from rmt_fast.engine import device_policy
+from rmt_fast.engine import backends, device_policy
 from rmt_fast.engine.runner import Engine, resolve_dtype
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
@@ -72,7 +72,7 @@ def test_engine_defaults_to_auto(monkeypatch, native, want):
 
 
 def test_describe_names_the_dtype_and_why():
-    lines = device_policy.describe(CPU)
+    lines = backends.describe_auto(CPU)
     assert "RMT_FAST_AUTO_DTYPE=float32 pins" in lines[0], lines     # the suite's pin, said
 
 
@@ -83,6 +83,6 @@ def test_describe_on_a_faked_gpu(monkeypatch, capability, dtype, backend):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_60", "sm_70", "sm_75", "sm_80", "sm_90"])
     sm = f"sm_{capability[0]}{capability[1]}"
-    dtype_line, attention_line = device_policy.describe(CUDA)
+    dtype_line, attention_line = backends.describe_auto(CUDA)
     assert dtype_line.startswith(f"dtype auto cuda ({sm}): {dtype} ("), dtype_line
     assert attention_line.startswith(f"attention auto cuda ({sm})/{dtype}: {backend}"), attention_line

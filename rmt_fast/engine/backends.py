@@ -17,10 +17,13 @@ explicitly requested backend that cannot run raises with its reason.
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from . import device_policy
 
 BACKENDS = ("sdpa", "matmul", "triton", "cpp")
 
@@ -147,14 +150,13 @@ def cuda_why_not(name: str, dtype: torch.dtype, capability: Tuple[int, int], hea
     Decided from the device and the installed libraries alone (no tensors), so a table of GPUs can be
     checked without one; ``why_not`` asks this first for CUDA inputs, then the backend's own checks.
     """
-    from .device_policy import BF16_MIN_CAPABILITY, sm_name, torch_why_not
-    sm = sm_name(capability)
-    reason = torch_why_not(capability, arch_list)
+    sm = device_policy.sm_name(capability)
+    reason = device_policy.torch_why_not(capability, arch_list)
     if reason:
         return reason
     if name == "cpp":
         return "the cpp backend runs on the CPU only, not on CUDA tensors"
-    if dtype == torch.bfloat16 and tuple(capability) < BF16_MIN_CAPABILITY:
+    if dtype == torch.bfloat16 and tuple(capability) < device_policy.BF16_MIN_CAPABILITY:
         return f"{sm} has no native bfloat16 (compute capability 8.0+ needed)"
     if name == "triton":
         if tuple(capability) < TRITON_MIN_CAPABILITY:
@@ -231,3 +233,19 @@ def available(device: torch.device, dtype: torch.dtype = torch.float32) -> Dict[
     """For ``rmt-fast info``: each backend and why it cannot run a typical block here (None = it can)."""
     q = torch.zeros(1, 2, 1, 64, device=device, dtype=dtype)
     return {name: why_not(name, q, q, q, None) for name in BACKENDS}
+
+
+def describe_auto(device: torch.device, head_dim: int = 64) -> list:
+    """Lines for ``rmt-fast info``: the dtype auto picks on ``device``, and auto's attention backend."""
+    dtype, why = device_policy.auto_dtype(device)
+    if os.environ.get(device_policy.PIN_VAR, "").strip():
+        why += f"; but {device_policy.PIN_VAR}={os.environ[device_policy.PIN_VAR].strip()} pins what auto resolves to"
+    sm = device_policy.sm_name(torch.cuda.get_device_capability(device)) if device.type == "cuda" else ""
+    name = str(device) if device.type == "cpu" else f"{device} ({sm})"
+    lines = [f"dtype auto {name}: {str(dtype).replace('torch.', '')} ({why})"]
+    if device.type == "cuda":
+        chosen, reasons = cuda_choice(dtype, torch.cuda.get_device_capability(device), head_dim)
+        passed = "; ".join(f"{k}: {v}" for k, v in reasons.items())
+        lines.append(f"attention auto {name}/{str(dtype).replace('torch.', '')}: {chosen}"
+                     + (f" (passed over: {passed})" if passed else ""))
+    return lines

@@ -109,19 +109,3 @@ def torch_why_not(capability: Tuple[int, int], arch_list: Optional[Sequence[str]
     return (f"this torch {torch.__version__} (CUDA {torch.version.cuda}) has no kernels for "
             f"{sm_name(capability)} (built for {' '.join(arch_list)}); for a Pascal GPU such as the "
             "GTX 1080 Ti install torch <= 2.14 from the cu126 index (README, 'GTX 1080 Ti')")
-
-
-def describe(device: torch.device, head_dim: int = 64) -> list:
-    """Lines for ``rmt-fast info``: the dtype auto picks on ``device``, and auto's attention backend."""
-    from . import backends
-    dtype, why = auto_dtype(device)
-    if os.environ.get(PIN_VAR, "").strip():
-        why += f"; but {PIN_VAR}={os.environ[PIN_VAR].strip()} pins what auto resolves to"
-    name = str(device) if device.type == "cpu" else f"{device} ({sm_name(torch.cuda.get_device_capability(device))})"
-    lines = [f"dtype auto {name}: {str(dtype).replace('torch.', '')} ({why})"]
-    if device.type == "cuda":
-        chosen, reasons = backends.cuda_choice(dtype, torch.cuda.get_device_capability(device), head_dim)
-        passed = "; ".join(f"{k}: {v}" for k, v in reasons.items())
-        lines.append(f"attention auto {name}/{str(dtype).replace('torch.', '')}: {chosen}"
-                     + (f" (passed over: {passed})" if passed else ""))
-    return lines
