@@ -29,7 +29,7 @@ from typing import Union
 
 import torch
 
-from .feeder import EXTRA_COLS
+from .steprows import FIELDS as EXTRA_COLS
 from .runner import RING, steps_per_chunk
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
