@@ -177,3 +177,19 @@ def test_bf16_ask_equals_classify_within_tolerance(left):
     ref = Engine(left).classify([torch.cat([doc, q]) for q in questions])
     assert (got - whole).abs().max() <= 0.05                   # the Engine's bf16 tolerance (test_engine.py)
     assert (got - ref).abs().max() <= 0.05
+
+
+def test_each_document_goes_on_from_its_own_state(left):
+    """The loop's per-document start memory: documents going on from different states, batched, fewer
+    slots than documents, longest first (so document and slot numbers differ)."""
+    from rmt_fast.engine import reading
+    engine = Engine(left)
+    vocab = left.config.vocab_size
+    firsts = random_docs([S + 3, 2 * S, 3 * S - 1, S - 2], vocab, low=3)
+    seconds = random_docs([S, 4 * S + 1, 2 * S + 2, 3 * S], vocab, low=3)
+    states = engine.read_many(firsts, batch_size=2)
+    with torch.inference_mode():
+        got = reading.read_many(engine, seconds, None, 3, states)
+    for a, b, st in zip(firsts, seconds, got):
+        one = engine.read(torch.cat([a, b]))
+        assert (st.memory - one.memory).abs().max() <= 1e-5 and torch.equal(st.tail, one.tail)
