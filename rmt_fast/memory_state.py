@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -57,6 +57,7 @@ class MemoryState:
     fingerprint: str         # model_fingerprint of the model that read it
     config: dict             # that model's RMTConfig.to_dict()
     dtype: str               # the compute dtype, e.g. 'float32'
+    origin: dict = field(default_factory=dict)   # free notes kept in the file (the CLI: model and tokenizer paths)
 
     def check_usable(self, fingerprint: str, config: dict, dtype: str, where: str = "this memory state") -> None:
         """Raise MemoryStateError unless this state was computed by the same model in the same dtype."""
@@ -79,7 +80,7 @@ class MemoryState:
         tail = self.tail.detach().cpu().to(torch.int64).contiguous()
         meta = {"format": FORMAT, "n_tokens": int(self.n_tokens), "n_segments": int(self.n_segments),
                 "fingerprint": self.fingerprint, "config": self.config, "dtype": self.dtype,
-                "checksum": _checksum(memory, tail)}
+                "checksum": _checksum(memory, tail), "origin": self.origin}
         data = save({"memory": memory, "tail": tail}, metadata={_KEY: json.dumps(meta)})
         files.write_bytes(path, data)
 
@@ -114,4 +115,5 @@ class MemoryState:
         if _checksum(memory, tail) != meta.get("checksum"):
             raise MemoryStateError(f"{path}: the checksum does not match the tensors (the file is corrupt)")
         return cls(memory=memory, tail=tail, n_tokens=int(meta["n_tokens"]), n_segments=int(meta["n_segments"]),
-                   fingerprint=meta["fingerprint"], config=cfg, dtype=meta["dtype"])
+                   fingerprint=meta["fingerprint"], config=cfg, dtype=meta["dtype"],
+                   origin=meta.get("origin", {}))
