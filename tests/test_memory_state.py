@@ -97,6 +97,8 @@ def test_right_alignment_reads_full_segments_then_places_tail_and_question_right
     memory = oracle_memory(model, doc[:2 * S], alignment="right").float()
     ref = oracle(model, torch.cat([doc[2 * S:], q]), alignment="right", start_memory=memory)
     assert (got - ref).abs().max() <= 1e-4
+    q = q[:S - 5]                                              # len(doc + q) = 3S: every cut is the same
+    assert (engine.ask(engine.read(doc), [q]) - engine.classify([torch.cat([doc, q])])).abs().max() <= 1e-5
 
 
 def test_save_load_round_trip_is_bit_exact(left, tmp_path):
