@@ -1,4 +1,4 @@
-"""``rmt-fast read`` / ``rmt-fast ask``: a document read in two appends, asked, equals classify of document + question."""
+"""``rmt-fast read`` / ``rmt-fast ask``: a document read in two appends, then asked, equals classify."""
 import json
 
 import pytest

@@ -125,7 +125,8 @@ def test_a_state_of_another_model_is_refused(left):
     with pytest.raises(MemoryStateError, match="alignment"):
         Engine(model_of("right")).ask(state, [[5, 6]])
     with pytest.raises(MemoryStateError, match="memory size"):
-        Engine(tiny_model(num_mem_tokens=M_TOKENS + 1, input_size=INPUT, segment_alignment="left")).read([5], state=state)
+        other_size = tiny_model(num_mem_tokens=M_TOKENS + 1, input_size=INPUT, segment_alignment="left")
+        Engine(other_size).read([5], state=state)
     with pytest.raises(MemoryStateError, match="computed in float32"):
         Engine(left, dtype=torch.bfloat16).ask(state, [[5, 6]])
 

@@ -84,7 +84,8 @@ def _check_state(engine, state, where: str) -> None:
     state.check_usable(fingerprint(engine), cfg.to_dict(), _dtype_name(engine), where)
     if tuple(state.memory.shape) != (cfg.num_mem_tokens, engine.plan.hidden) or state.tail.numel() >= cfg.segment_size:
         raise MemoryStateError(f"{where}: memory {tuple(state.memory.shape)} / tail {state.tail.numel()} ids do not "
-                               f"fit this model ([{cfg.num_mem_tokens}, {engine.plan.hidden}], under {cfg.segment_size})")
+                               f"fit this model ([{cfg.num_mem_tokens}, {engine.plan.hidden}], "
+                               f"under {cfg.segment_size})")
 
 
 def read_many(engine, docs: Sequence, tokenizer=None, batch_size: int = 8,

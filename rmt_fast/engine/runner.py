@@ -335,7 +335,8 @@ class Engine:
 
     @_public_call
     @torch.inference_mode()
-    def read_many(self, docs: Sequence, tokenizer=None, batch_size: int = 8, progress: bool = False) -> List[MemoryState]:
+    def read_many(self, docs: Sequence, tokenizer=None, batch_size: int = 8,
+                  progress: bool = False) -> List[MemoryState]:
         """``read`` of each document from the start, batched through the slots like ``classify``."""
         return reading.read_many(self, docs, tokenizer, batch_size, None, progress)
 
