@@ -61,3 +61,16 @@ def test_read_and_ask_errors_name_the_flag_or_file(model_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["ask", "--state", str(tmp_path / "s.rmtstate")]) == 2
     assert "--question" in capsys.readouterr().err
+
+
+def test_demo_ask_reads_once_and_answers_as_classify(capsys):
+    assert main(["demo", "--tokens", "3000", "--seed", "3"]) == 0
+    plain = capsys.readouterr().out
+    assert main(["demo", "--tokens", "3000", "--seed", "3", "--ask"]) == 0
+    out = capsys.readouterr().out
+    assert "read once:" in out and out.count(" ms") >= 4
+    asked = next(line for line in out.splitlines() if "truth:" in line).split()
+    answer = next(line for line in plain.splitlines() if line.startswith("answer:")).split()
+    assert asked[asked.index("truth:") + 1] == answer[answer.index("truth:") + 1]
+    # The sample is n_segments * S tokens: the reader's cuts are the classifier's, so the answer is the same.
+    assert answer[1] in asked and answer[2] in asked
