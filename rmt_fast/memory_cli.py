@@ -94,7 +94,8 @@ def run_ask(args) -> int:
         raise ValueError(f"--state {args.state} records no model: pass --model")
     model, tokenizer, _ = _load(model_path, args.backbone_config or state.origin.get("backbone_config"),
                                 args.tokenizer or state.origin.get("tokenizer"))
-    engine = Engine(model, device=args.device, dtype=state.dtype)
+    dtype, _, quantize = state.dtype.partition("+")           # e.g. 'float32+int8': computed the same way
+    engine = Engine(model, device=args.device, dtype=dtype, **({"quantize": quantize} if quantize else {}))
     probs = engine.ask(state, questions, tokenizer=tokenizer, batch_size=args.batch_size).softmax(-1)
     labels = model.config.label_names or tuple(str(i) for i in range(model.config.num_labels))
     for q, p in zip(questions, probs):

@@ -34,7 +34,10 @@ def fingerprint(engine) -> str:
 
 
 def _dtype_name(engine) -> str:
-    return str(engine.dtype).replace("torch.", "")
+    """The compute dtype, e.g. 'bfloat16', with '+int8' where the plan quantizes its GEMMs (another answer)."""
+    name = str(engine.dtype).replace("torch.", "")
+    quantize = getattr(engine.plan, "quantize", None)
+    return f"{name}+{quantize}" if quantize else name
 
 
 def _ids(engine, docs: Sequence, tokenizer, what: str) -> List[torch.Tensor]:
