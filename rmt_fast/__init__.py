@@ -3,7 +3,8 @@ from .config import RMTConfig
 from .inputs import InvalidDocumentsError
 from .model import RMTForSequenceClassification, RMTOutput
 from .engine import Engine
+from .memory_state import MemoryState, MemoryStateError
 from .engine.sources import DocumentError, SourcesError
 
 __version__ = "0.1.0"
-__all__ = ["DocumentError", "SourcesError", "Engine", "RMTConfig", "RMTForSequenceClassification", "RMTOutput", "InvalidDocumentsError", "__version__"]
+__all__ = ["DocumentError", "SourcesError", "Engine", "RMTConfig", "RMTForSequenceClassification", "RMTOutput", "InvalidDocumentsError", "MemoryState", "MemoryStateError", "__version__"]

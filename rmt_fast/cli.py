@@ -13,7 +13,8 @@ from pathlib import Path
 from .cli_args import run_command
 
 COMMAND_MODULES = ["rmt_fast.demo", "rmt_fast.bench", "rmt_fast.train", "rmt_fast.evaluate", "rmt_fast.analysis.flops",
-                   "rmt_fast.analysis.attention_maps_cli", "rmt_fast.perfmodel"]
+                   "rmt_fast.analysis.attention_maps_cli", "rmt_fast.perfmodel",
+                   "rmt_fast.memory_cli"]
 
 
 # -- classify -------------------------------------------------------------------------------------

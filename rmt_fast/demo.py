@@ -22,6 +22,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--dtype", default="auto", help="auto (the device's best, see rmt-fast info), float32, bfloat16 or float16")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 GEMMs on the CPU (weights per channel, activations per token; docs/ARCHITECTURE.md)")
+    p.add_argument("--ask", action="store_true",
+                   help="read the document once (engine.read), then ask every name's question from its memory state")
     p.set_defaults(func=run)
 
 
@@ -43,6 +45,8 @@ def run(args) -> int:
     print(f"hidden fact(s): {' '.join(sample.facts)!r} at {where}")
     print(f"question at the end: {sample.question!r}")
     engine = Engine(model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    if args.ask:
+        return _read_then_ask(engine, tokenizer, sample, n_segments)
     t0 = time.perf_counter()
     probs = engine.classify([sample.input_ids], batch_size=1, progress=True).softmax(-1)[0]
     seconds = time.perf_counter() - t0
@@ -52,4 +56,25 @@ def run(args) -> int:
     print(f"answer: {names[k]} (p={float(probs[k]):.3f})   truth: {sample.answer}   -> {verdict}")
     print(f"{n_segments:,} segments in {seconds:.1f} s ({n_segments / seconds:,.0f} segments/s, "
           f"{sample.input_ids.numel() / seconds:,.0f} tokens/s) on {engine.device}, {engine.dtype}")
+    return 0
+
+
+def _read_then_ask(engine, tokenizer, sample, n_segments: int) -> int:
+    """Read the document (without its question) once, then time each name's question asked from the state."""
+    from .tasks import NAMES
+
+    names = engine.config.label_names or tuple(str(i) for i in range(engine.config.num_labels))
+    t0 = time.perf_counter()
+    state = engine.read(sample.input_ids[:sample.question_span[0]], progress=True)
+    read_s = time.perf_counter() - t0
+    print(f"read once: {state.n_segments:,} segments in {read_s:.1f} s ({state.n_tokens:,} tokens; "
+          f"{state.tail.numel()} in the tail)")
+    questions = list(dict.fromkeys([sample.question] + [f"Where is {n}?" for n in NAMES]))
+    for q in questions:
+        t0 = time.perf_counter()
+        probs = engine.ask(state, [q], tokenizer=tokenizer).softmax(-1)[0]
+        ms = (time.perf_counter() - t0) * 1000
+        k = int(probs.argmax())
+        truth = f"   truth: {sample.answer}" if q == sample.question else ""
+        print(f"{q:<28} {names[k]} (p={float(probs[k]):.3f}) in {ms:.0f} ms{truth}")
     return 0

@@ -27,13 +27,15 @@ def segments_of(ids, S, max_n_segments, alignment, specials):
 
 def oracle_logits(backbone, ids, *, vocab_size, num_mem_tokens, input_size, cls_id, sep_id, pad_id,
                   alignment="right", max_n_segments=None, empty_as_special=False, bptt_depth=-1,
-                  return_memory=False):
+                  return_memory=False, start_memory=None):
     """Logits [num_labels] of one document. backbone: a HF *ForSequenceClassification (vocab V+M).
 
     Differentiable when called with grad enabled. bptt_depth (the official RMT flag, "max number of
     previous segments in gradient computation"): the gradient of the last segment's output reaches
     the last segment and the ``bptt_depth`` segments before it; -1 reaches every segment and the
     initial memory. return_memory: also return the memory [M, H] after the last segment.
+    start_memory: [M, H], the memory the first segment starts from instead of the initial memory
+    (a document read on from a stored memory state).
     """
     M, T = num_mem_tokens, input_size
     S = T - M - 3
@@ -44,7 +46,7 @@ def oracle_logits(backbone, ids, *, vocab_size, num_mem_tokens, input_size, cls_
         segs = [[]]
     word = backbone.get_input_embeddings()
     mem_ids = torch.tensor([vocab_size + i for i in range(M)])
-    memory = word(mem_ids)                                                  # [M, H]
+    memory = word(mem_ids) if start_memory is None else start_memory        # [M, H]
     logits = None
     # Segments first_with_gradient.. get gradient; the initial memory counts as segment -1.
     first_with_gradient = -1 if bptt_depth == -1 else len(segs) - 1 - bptt_depth

@@ -34,14 +34,15 @@ from tqdm.auto import tqdm
 
 from .. import _ext, segmentation
 from ..inputs import InvalidDocumentsError, as_documents
+from ..memory_state import MemoryState
 from ..model import RMTForSequenceClassification
-from . import device_policy, graphs
+from . import device_policy, graphs, reading
 from .feeder import Feeder
 from .options import RunOptions
 from .plan import InferencePlan
 from .schedule import ChunkLayout, ChunkMeta
 from .sources import DocumentError, IdsSource, SourcesError, TextSource
-from .steprows import DEST, KEY_LEN, RESET, SLOT
+from .steprows import DEST, DOC, KEY_LEN, RESET, SLOT
 from .source_watch import SourceWatch
 
 log = logging.getLogger(__name__)
@@ -325,6 +326,34 @@ class Engine:
                 yield name, Path(src) if isinstance(src, str) else src   # a str names a file
         return self._stream(items(), n, tokenizer, opts, failures, on_result)
 
+    # -- memory states: read once, ask many (reading.py) ---------------------------------------------
+    @_public_call
+    @torch.inference_mode()
+    def read(self, doc, state: Optional[MemoryState] = None, tokenizer=None, progress: bool = False) -> MemoryState:
+        """Read a document (1-D ids, or a str with ``tokenizer``), going on from ``state`` if given.
+
+        Full left-aligned segments are read; the ids after the last full one are kept as the state's
+        tail. Reading A then B gives the state of reading A+B (ids; text is tokenized per call).
+        """
+        return reading.read_many(self, [doc], tokenizer, 1, [state], progress)[0]
+
+    @_public_call
+    @torch.inference_mode()
+    def read_many(self, docs: Sequence, tokenizer=None, batch_size: int = 8,
+                  progress: bool = False) -> List[MemoryState]:
+        """``read`` of each document from the start, batched through the slots like ``classify``."""
+        return reading.read_many(self, docs, tokenizer, batch_size, None, progress)
+
+    @_public_call
+    @torch.inference_mode()
+    def ask(self, state: MemoryState, questions: Sequence, tokenizer=None, batch_size: int = 8,
+            progress: bool = False) -> torch.Tensor:
+        """Logits [len(questions), num_labels] float32 (CPU): per question, the document read into
+        ``state`` followed by the question; questions run side by side, each from the stored memory.
+        With ``segment_alignment='left'`` this is ``classify([doc + question])``; for right/center
+        alignment see reading.py. A state of another model, alignment or dtype raises MemoryStateError."""
+        return reading.ask(self, state, questions, tokenizer, batch_size, progress)
+
     @torch.inference_mode()
     def _stream(self, items: Iterator[Tuple[Optional[str], object]], n_items: Optional[int], tokenizer,
                 opts: RunOptions, failures: Optional[Dict[int, str]], on_result: Optional[OnResult]) -> torch.Tensor:
@@ -406,17 +435,23 @@ class Engine:
         return self._runners[slots]
 
     def _run(self, source, slots: int, empty: str, on_error: str, progress: bool, total: Optional[int],
-             on_done: Optional[Callable] = None) -> Dict[int, torch.Tensor]:
+             on_done: Optional[Callable] = None, start_memory: Optional[torch.Tensor] = None,
+             final_memory: Optional[torch.Tensor] = None) -> Dict[int, torch.Tensor]:
         """Run every document of ``source``; logits [num_labels] (CPU) by document index.
 
         on_done(index, logits, error) is called for each document as soon as its logits are on the
         host (after its step on the CPU, a chunk later on CUDA) or it failed (logits None).
+        start_memory: [n_docs, M, H] float32 on the device: document d starts from start_memory[d]
+        instead of the initial memory. final_memory: [n_docs + 1, M, H] float32 on the device, row d
+        written with document d's memory after its last segment (the extra row is a sink). Either runs
+        the compact loop (memory_state.py's read/ask: the static loop's graphs hold no such inputs).
         """
         cfg, plan, dev = self.config, self.plan, self.device
         C = steps_per_chunk(slots)
         layout = ChunkLayout(source, cfg, slots, C, RING, empty=empty, on_error=on_error)
         cuda = dev.type == "cuda"
-        if self.static_loop:
+        per_doc = start_memory is not None or final_memory is not None
+        if self.static_loop and not per_doc:
             runner = self._runner(slots)
             results, ring = runner.results, runner.ring
         else:
@@ -458,7 +493,8 @@ class Engine:
                             runner.step(chunk.width[c], chunk.masked[c])
                         else:
                             n = chunk.n_busy[c]
-                            self._compact_step(state, results, ids[c, :n], meta[c, :, :n], chunk.masked[c])
+                            self._compact_step(state, results, ids[c, :n], meta[c, :, :n], chunk.masked[c],
+                                               start_memory, final_memory, layout.sink)
                         if not cuda:                     # on the host already: out at once
                             for d, row in by_step.get(c, ()):
                                 finish(d, results[row].clone())
@@ -485,15 +521,21 @@ class Engine:
             self._warn_cut(sorted(set(truncated)))
         return got
 
-    def _compact_step(self, state, results, ids, meta, masked: bool) -> None:
-        """One step of the busy rows only (the CPU loop). ids: [n, T], meta: [FIELDS, n] int64 (steprows.py)."""
+    def _compact_step(self, state, results, ids, meta, masked: bool, start_memory=None, final_memory=None,
+                      sink: int = -1) -> None:
+        """One step of the busy rows only (the CPU loop). ids: [n, T], meta: [FIELDS, n] int64 (steprows.py).
+        start_memory, final_memory: per document, as in ``_run``; sink: the result row of no document."""
         plan = self.plan
         slot = meta[SLOT]                                                          # [n]
         start = (meta[RESET] != 0)[:, None, None]                                  # [n, 1, 1]
-        memory = torch.where(start, plan.initial_memory, state[slot])              # [n, M, H]
+        initial = plan.initial_memory if start_memory is None else start_memory[meta[DOC].clamp(min=0)]
+        memory = torch.where(start, initial, state[slot])                          # [n, M, H]
         logits, new_mem = plan.step(ids, memory, meta[KEY_LEN] if masked else None)
         _ext.memory_write(state, new_mem, 0, slot)
         results.index_copy_(0, meta[DEST], logits)
+        if final_memory is not None:      # a document's last segment: DEST is its result row, not the sink
+            row = torch.where(meta[DEST] != sink, meta[DOC], final_memory.shape[0] - 1)
+            final_memory.index_copy_(0, row, new_mem.float())
 
 
 OnResult = Callable[[int, torch.Tensor, Optional[str]], None]

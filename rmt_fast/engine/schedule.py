@@ -23,7 +23,7 @@ import torch
 from .. import segmentation
 from ..config import RMTConfig
 from .sources import Doc, DocumentError, FeederStopped, ready
-from .steprows import BUSY, DEST, FIELDS, KEY_LEN, RESET, SLOT
+from .steprows import BUSY, DEST, DOC, FIELDS, KEY_LEN, RESET, SLOT
 
 
 @dataclass
@@ -72,7 +72,7 @@ class ChunkLayout:
         self._idle_ids = tmpl.copy()      # an idle row: a valid empty segment whose results go nowhere
         self._idle_ids[M + 2] = config.sep_token_id
         self._idle_meta = np.zeros(FIELDS, dtype=np.int64)
-        self._idle_meta[[KEY_LEN, DEST, SLOT]] = M + 3, self.sink, -1
+        self._idle_meta[[KEY_LEN, DEST, SLOT, DOC]] = M + 3, self.sink, -1, -1
         self._active: List[Optional[_Slot]] = [None] * slots
         self._exhausted = False
 
@@ -171,7 +171,7 @@ class ChunkLayout:
                 meta.started.append(slot.doc.index)
             f = step_meta[:, b]                                           # [FIELDS], a view
             f[KEY_LEN], f[DEST], f[SLOT] = M + 3 + n, (first_row + b if last else self.sink), b
-            f[BUSY], f[RESET] = 1, first
+            f[BUSY], f[RESET], f[DOC] = 1, first, slot.doc.index
             busy.append(b)
             masked |= n < S
             meta.n_tokens += n

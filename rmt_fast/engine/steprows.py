@@ -14,4 +14,5 @@ DEST = 1         # the result row its logits go to (a sink row unless it is its 
 BUSY = 2         # 1 if the row holds a segment, 0 for an idle row
 RESET = 3        # 1 if the row starts a document: its memory starts from the initial memory
 SLOT = 4         # the memory-state row it reads and writes; -1 for an idle row
-FIELDS = 5
+DOC = 5          # the index of its document (a start memory or a final memory is per document); -1 idle
+FIELDS = 6
