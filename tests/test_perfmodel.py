@@ -165,6 +165,8 @@ def test_memory_matches_the_allocated_tensors(layers, dtype):
     cuda_parts = estimate.memory_parts(dims, B, dtype, cuda=True)
     assert cuda_parts["device ring (ids + meta)"] == step_runner.ring_ids.nbytes + step_runner.ring_meta.nbytes
     assert (estimate.RING, estimate.STEPS_PER_CHUNK) == (runner.RING, runner.STEPS_PER_CHUNK)
+    from rmt_fast.engine.steprows import FIELDS
+    assert estimate.META_FIELDS == FIELDS
 
 
 def test_cuda_parts_and_max_batch():
@@ -172,7 +174,7 @@ def test_cuda_parts_and_max_batch():
     parts = estimate.memory_parts(d, 4, "bfloat16", cuda=True)
     assert parts["CUDA context"] > 0 and parts["cuBLAS workspace"] > 0
     C = max(8, min(estimate.STEPS_PER_CHUNK, 512 // 4))
-    assert parts["device ring (ids + meta)"] == 8 * estimate.RING * C * 4 * 517
+    assert parts["device ring (ids + meta)"] == 8 * estimate.RING * C * 4 * (512 + 6)
     budget = 3 * 2 ** 30
     b = estimate.max_batch(d, "bfloat16", True, budget)
     assert b >= 1

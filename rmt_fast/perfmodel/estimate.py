@@ -31,6 +31,7 @@ GRAPH_LAUNCH_S = 1.5e-6      # gap per kernel when replayed from a CUDA graph
 CUDA_CONTEXT_BYTES = 500 * 2 ** 20   # driver context + torch's kernels, outside the caching allocator
 CUBLAS_WORKSPACE_BYTES = 8 * 2 ** 20 + 8 * 16 * 2 ** 10   # torch's default ":4096:2:16:8"
 RING, STEPS_PER_CHUNK = 3, 64        # engine.runner's feeder ring and chunk length
+META_FIELDS = 6                      # engine.steprows.FIELDS: int64 meta fields per row of a step
 
 
 @dataclass(frozen=True)
@@ -160,8 +161,8 @@ def memory_parts(d: Dims, batch: int, dtype: str, cuda: bool) -> Dict[str, int]:
                 "result rows": 4 * (RING * C * B + 1) * d.labels}
     if cuda:
         # graphs.StepRunner's device ring, which the feeder copies into and the graphs read: int64 ids
-        # [RING, C, B, T] and meta [RING, C, 5, B].
-        per_slot["device ring (ids + meta)"] = 8 * RING * C * B * (T + 5)
+        # [RING, C, B, T] and meta [RING, C, META_FIELDS, B].
+        per_slot["device ring (ids + meta)"] = 8 * RING * C * B * (T + META_FIELDS)
     # Live at the peak of plan.step, inside a middle layer's FFN (the embedding output is freed once the
     # first layer has read it): the layer's input, its QKV, attention output, post-attention hidden, then FFN in with FFN out, or (GELU
     # unfused) the activation's input and output. The last layer holds K/V over T rows, the rest over M + 1.
