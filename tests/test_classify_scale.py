@@ -91,7 +91,7 @@ def test_results_file_answers_each_input_in_order_with_sizes(model_dir, tmp_path
         assert rows[i]["tokens"] == len(ids) and rows[i]["segments"] == -(-len(ids) // S)
 
 
-def test_resume_after_sigkill_equals_the_uninterrupted_run(model_dir, tmp_path):
+def test_resume_after_sigkill_equals_the_uninterrupted_run(model_dir, tmp_path, capsys):
     names = _corpus(tmp_path, [300, 40, 250, 70, 300, 12, 280, 90, 300, 50, 260], missing_at={5})
     ref = tmp_path / "ref.jsonl"
     _classify(model_dir, names, ref)
@@ -120,7 +120,9 @@ def test_resume_after_sigkill_equals_the_uninterrupted_run(model_dir, tmp_path):
     # A kill mid-write leaves a partial line: resume drops it and keeps every complete one.
     with open(out, "ab") as f:
         f.write(b'{"index": %d, "input": "half a li' % k)
+    capsys.readouterr()
     assert _classify(model_dir, names, out) == 1            # the missing file is still an error
+    assert f"({len(names) - k} computed now, {k} from an earlier run)" in capsys.readouterr().err
     assert out.read_bytes().startswith(written)             # nothing written is rewritten or lost
     _assert_same_results(_lines(out), _lines(ref))
 
