@@ -6,98 +6,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
-from pathlib import Path
 
 from .cli_args import run_command
 
-COMMAND_MODULES = ["rmt_fast.demo", "rmt_fast.bench", "rmt_fast.train", "rmt_fast.evaluate", "rmt_fast.analysis.flops",
-                   "rmt_fast.analysis.attention_maps_cli", "rmt_fast.perfmodel",
+COMMAND_MODULES = ["rmt_fast.classify_cli", "rmt_fast.demo", "rmt_fast.bench", "rmt_fast.train", "rmt_fast.evaluate",
+                   "rmt_fast.analysis.flops", "rmt_fast.analysis.attention_maps_cli", "rmt_fast.perfmodel",
                    "rmt_fast.memory_cli"]
-
-
-# -- classify -------------------------------------------------------------------------------------
-
-def _add_classify(subparsers):
-    p = subparsers.add_parser("classify", help="classify long text files")
-    p.add_argument("--model", required=True, help="an rmt_fast model folder, or a reference model_best.pth")
-    p.add_argument("--backbone-config", help="config.json (or folder) of a reference checkpoint's backbone")
-    p.add_argument("--tokenizer", help="tokenizer folder or vocab.txt (default: the model folder's)")
-    p.add_argument("--input", nargs="+", required=True, help="text files ('-' reads standard input)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto", help="auto (the device's best, see rmt-fast info), float32, bfloat16 or float16")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8 GEMMs on the CPU (weights per channel, activations per token; docs/ARCHITECTURE.md)")
-    p.add_argument("--attention", default="auto")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--empty", choices=["error", "special"], default="error",
-                   help="an empty document is an error (default) or gets one segment of special tokens")
-    p.add_argument("--decode-errors", choices=["strict", "replace"], default="strict",
-                   help="files are UTF-8; 'strict' rejects a file with invalid bytes, 'replace' uses U+FFFD")
-    p.add_argument("--json", action="store_true", help="print one JSON object per input")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run_classify)
-
-
-class _ClosedStdin:
-    """Standard input where there is none (``<&-``): a bad input like any other, named when read."""
-
-    def __iter__(self):
-        raise OSError("standard input is closed")
-
-
-def _stdin():
-    """Standard input's unbuffered bytes: a tokenizer thread still blocked reading an idle pipe at exit
-    (after Ctrl-C) holds no buffer lock, which would abort the interpreter's shutdown."""
-    stdin = sys.stdin
-    if stdin is None or not hasattr(stdin, "buffer"):
-        return _ClosedStdin()
-    return getattr(stdin.buffer, "raw", stdin.buffer)
-
-
-def run_classify(args) -> int:
-    from .engine import Engine
-    from .model import RMTForSequenceClassification
-    from .tokenize import load_tokenizer
-
-    model = RMTForSequenceClassification.load(args.model, backbone_config=args.backbone_config)
-    tok_path = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
-    if tok_path is None:
-        print("error: a reference checkpoint needs --tokenizer", file=sys.stderr)
-        return 2
-    tokenizer = load_tokenizer(tok_path)
-    engine = Engine(model, device=args.device, dtype=args.dtype, attention=args.attention,
-                    quantize=args.quantize)
-    labels = model.config.label_names or tuple(str(i) for i in range(model.config.num_labels))
-    done, failed = [0], [0]
-
-    def print_result(i: int, logits, error) -> None:   # in input order, as soon as each is done
-        done[0] += 1
-        name = args.input[i]
-        if error is not None:
-            failed[0] += 1
-            print(f"error: {name}: {error}", file=sys.stderr, flush=True)
-            return
-        p = logits.softmax(dim=-1)
-        k = int(p.argmax())
-        if args.json:
-            print(json.dumps({"input": name, "label": labels[k],
-                              "probabilities": {l: round(float(v), 6) for l, v in zip(labels, p)}}), flush=True)
-        else:
-            print(f"{name}\t{labels[k]}\t{float(p[k]):.4f}", flush=True)
-
-    # Files are read, decoded and tokenized ahead on feeder threads while earlier segments compute; a
-    # document that fails is named, and the others are still answered.
-    sources = [_stdin() if p == "-" else Path(p) for p in args.input]
-    try:
-        engine.classify_stream(sources, tokenizer, names=args.input, batch_size=args.batch_size,
-                               empty=args.empty, progress=not args.no_progress, errors=args.decode_errors,
-                               on_error="nan", failures={}, on_result=print_result)
-    except KeyboardInterrupt:
-        print(f"interrupted: {done[0]} of {len(sources)} documents done", file=sys.stderr)
-        return 130
-    return 1 if failed[0] else 0
 
 
 # -- info -----------------------------------------------------------------------------------------
@@ -161,7 +76,6 @@ def run_info(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rmt-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_classify(sub)
     _add_info(sub)
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_cli(sub)
