@@ -69,8 +69,8 @@ class ReferenceBaseline:
             on_step: Optional[Callable[[int], None]] = None) -> torch.Tensor:
         """Logits [len(docs), num_labels] (in the baseline's dtype) of ``docs`` run as one padded batch.
 
-        stop(segments_done) -> None or a reason ('time'/'memory'), asked after every step: a reason ends
-        the run with ``BaselineStopped``, and so does running out of CUDA memory.
+        stop(segments_done) -> None or a reason ('time'/'memory'), asked before every step but the first:
+        a reason ends the run with ``BaselineStopped``, and so does running out of CUDA memory.
         on_step(segments_done): called after every step (the memory timeline).
         """
         cfg, M = self.cfg, self.cfg.num_mem_tokens
@@ -85,6 +85,9 @@ class ReferenceBaseline:
         kept, step = [], 0
         try:
             for step in range(n_steps):
+                reason = stop(step) if stop is not None and step > 0 else None
+                if reason is not None:                  # asked before a step: a finished run is kept
+                    raise BaselineStopped(step, reason)
                 present = [i for i, p in enumerate(padded) if p[step] is not None]
                 ids = self._layout([padded[i][step] for i in present])          # [n, T]
                 emb = word(ids)
@@ -96,9 +99,6 @@ class ReferenceBaseline:
                     kept.append(out)
                 if on_step is not None:
                     on_step(step + 1)
-                reason = stop(step + 1) if stop is not None else None
-                if reason is not None:
-                    raise BaselineStopped(step + 1, reason)
         except torch.cuda.OutOfMemoryError:
             kept.clear()
             raise BaselineStopped(step, "memory") from None

@@ -8,6 +8,8 @@ extrapolated. The pieces live in ``rmt_fast.benchmark``; this module is the comm
 """
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from . import plotting
@@ -27,7 +29,6 @@ def _baselines(text: str):
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in systems.BASELINES + ("none",)]
     if unknown:
-        import argparse
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(systems.BASELINES)} "
                                          f"(or none), got {text!r}")
     return [n for n in names if n != "none"]
@@ -37,14 +38,15 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser("bench", help="the Engine against the reference's way: time, memory, workloads")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--model", help="an rmt_fast model folder, or a reference model_best.pth")
-    what.add_argument("--shape", choices=sorted(models.SHAPES), default="bert-base",
+    what.add_argument("--shape", choices=sorted(models.SHAPES),
                       help="a built-in shape with random weights (default bert-base)")
     p.add_argument("--backbone-config", help="config.json (or folder) of a reference checkpoint's backbone")
     p.add_argument("--layers", type=positive_int, help="keep this many encoder layers (default: all)")
     p.add_argument("--segments", type=positive_int_list, default=[1, 16, 256, 4096],
                    help="comma-separated document lengths in segments")
-    p.add_argument("--batch-sizes", "--batch-size", dest="batch_sizes", type=positive_int_list, default=[1],
+    p.add_argument("--batch-sizes", type=positive_int_list, default=[1],
                    help="comma-separated batch sizes (documents side by side)")
+    p.add_argument("--batch-size", dest="batch_sizes", type=positive_int_list, help=argparse.SUPPRESS)
     p.add_argument("--baselines", type=_baselines, default=list(systems.BASELINES),
                    help="comma-separated: reference (eager fp32, outputs kept), tuned (SDPA, bf16/fp16), or none")
     p.add_argument("--budget-s", type=positive_float, default=60.0,
@@ -64,7 +66,23 @@ def add_cli(subparsers) -> None:
     p.add_argument("--out", default="bench-results", help="folder for bench.json and the plots")
     p.add_argument("--no-plot", action="store_true", help="skip the plots (they need matplotlib)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, bench_parser=p)
+
+
+def command_line(args) -> str:
+    """The command that repeats this run, every option spelled out (defaults included)."""
+    import shlex
+
+    words = ["rmt-fast", "bench"]
+    for action in args.bench_parser._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or action.help == argparse.SUPPRESS or action.dest == "help" \
+                or value in (None, False):
+            continue
+        words.append(action.option_strings[0])
+        if value is not True:
+            words.append(",".join(map(str, value)) if isinstance(value, list) else str(value))
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def _load(args):
@@ -72,7 +90,7 @@ def _load(args):
         return models.user_model(args.model, args.backbone_config, args.layers)
     if args.backbone_config:
         raise ValueError("--backbone-config goes with --model (a reference checkpoint)")
-    return builtin_model(args.layers, shape=args.shape)
+    return builtin_model(args.layers, shape=args.shape or "bert-base")
 
 
 def run(args) -> int:
@@ -107,11 +125,11 @@ def run(args) -> int:
                   else report.point_line(row))
         bar.update(1)
 
-    title = (f"rmt_fast, {args.model or args.shape} ({models.describe(model)}), "
-             f"{str(engine.dtype).replace('torch.', '')}, {device}")
-    document = {"meta": report.header({"model": args.model or args.shape, "model_shape": models.describe(model),
+    name = args.model or args.shape or "bert-base"
+    title = f"rmt_fast, {name} ({models.describe(model)}), {str(engine.dtype).replace('torch.', '')}, {device}"
+    document = {"meta": report.header({"model": name, "model_shape": models.describe(model),
                                        "dtype": str(engine.dtype), "attention": args.attention,
-                                       "budget_s": args.budget_s, "seed": args.seed}, device)}
+                                       "budget_s": args.budget_s, "seed": args.seed}, device, command_line(args))}
     rows, timeline = [], None
     try:
         if args.workload == "uniform":

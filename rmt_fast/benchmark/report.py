@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -39,15 +37,16 @@ def versions() -> dict:
             "transformers": transformers.__version__, "rmt_fast": getattr(rmt_fast, "__version__", "unknown")}
 
 
-def header(extra: dict, device: torch.device) -> dict:
+def header(extra: dict, device: torch.device, command: str) -> dict:
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "machine": machine(device),
-            "versions": versions(), "command": "rmt-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-            **extra}
+            "versions": versions(), "command": command, **extra}
 
 
 def outcome(row: dict) -> str:
-    if row.get("stopped"):
-        return f"stopped at {row['stopped']['segments']} segments ({row['stopped']['reason']})"
+    stopped = row.get("stopped")
+    if stopped:
+        said = f"stopped at {stopped['segments']} segments ({stopped['reason']})"
+        return f"not run: {said} at a shorter length" if stopped.get("not_run") else said
     return f"{row['ms_per_segment']:.1f} ms/segment, {row['tokens_per_s']:,.0f} tokens/s"
 
 
@@ -58,7 +57,7 @@ def _name(row: dict) -> str:
 def point_line(row: dict) -> str:
     docs = f", {row['docs_per_s']:.2f} documents/s" if row.get("docs_per_s") else ""
     return (f"{_name(row):<9} batch {row['batch_size']:>3} {row['segments']:>6} segments: "
-            f"{outcome(row)}{docs}, peak {row['peak_mib']:.1f} MiB")
+            f"{outcome(row)}{docs}" + ("" if row["peak_mib"] is None else f", peak {row['peak_mib']:.1f} MiB"))
 
 
 def table(rows: List[dict]) -> str:
@@ -66,7 +65,7 @@ def table(rows: List[dict]) -> str:
     out = [f"{'system':<{width}} {'batch':>5} {'segments':>8} {'ms/segment':>11} {'tokens/s':>10} {'peak MiB':>9}"]
     for r in rows:
         if r.get("stopped"):
-            cells = f"{outcome(r):>32}"
+            cells = f"  {outcome(r)}"
         else:
             cells = f"{r['ms_per_segment']:>11.1f} {r['tokens_per_s']:>10,.0f} {r['peak_mib']:>9.1f}"
         out.append(f"{_name(r):<{width}} {r['batch_size']:>5} {r['segments']:>8} {cells}")
@@ -134,11 +133,13 @@ def plot_bench(rows: List[dict], path: Path, title: str) -> None:
     c.axhline(1.0, color="grey", lw=0.8)
     c.set(xscale="log", xlabel="document length (segments)", ylabel="baseline time / Engine time",
           title="Engine speed-up")
+    from matplotlib.ticker import ScalarFormatter
     for ax in (a, b, c):
+        ax.xaxis.set_major_formatter(ScalarFormatter())   # 16, not 1.6 x 10^1
         ax.set_ylim(bottom=0)
         if ax.lines:
             ax.legend(fontsize=7)
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     plotting.savefig(fig, path, dpi=100)
 
@@ -152,7 +153,8 @@ def plot_timeline(timeline: Dict[str, dict], path: Path, title: str) -> None:
         ax.plot(t["segments"], t["allocated_mib"], label=label + (", allocated" if t.get("reserved_mib") else ""))
         if t.get("reserved_mib"):
             ax.plot(t["segments"], t["reserved_mib"], "--", label=label + ", reserved")
-    ax.set(xlabel="segments done", ylabel="MiB above the start", title=title)
+    ax.set(xlabel="segments done", ylabel="MiB above the start")
+    ax.set_title(title, fontsize=8)
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -166,7 +168,7 @@ def write_plots(out: Path, rows: List[dict], timeline: Optional[dict], title: st
         plot_bench(uniform, out / "bench.png", title)
         written.append(out / "bench.png")
     if timeline:
-        plot_timeline(timeline, out / "timeline.png", "memory through one run: " + title)
+        plot_timeline(timeline, out / "timeline.png", "memory through one run\n" + title)
         written.append(out / "timeline.png")
     return written
 

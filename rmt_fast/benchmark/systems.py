@@ -56,6 +56,9 @@ class BaselineSystem(System):
         done = 0
         for i in range(0, len(docs), batch_size):
             offset = done
+            reason = stop(done) if stop is not None and done > 0 else None
+            if reason is not None:
+                raise BaselineStopped(done, reason)
             try:
                 self.baseline.run(docs[i:i + batch_size],
                                   stop=None if stop is None else (lambda k: stop(offset + k)),

@@ -8,10 +8,14 @@ import numpy as np
 import torch
 
 
+def _ordinary_ids(cfg, n_tokens: int, generator: torch.Generator) -> torch.Tensor:
+    """[n_tokens] random ids above every special id, so each document is exactly as long as asked."""
+    return torch.randint(max(cfg.special_token_ids) + 1, cfg.vocab_size, (n_tokens,), generator=generator)
+
+
 def uniform_docs(cfg, n_segments: int, batch_size: int, generator: torch.Generator) -> List[torch.Tensor]:
-    """``batch_size`` random documents of exactly ``n_segments`` full segments (ids clear of the specials)."""
-    return [torch.randint(1000, cfg.vocab_size, (n_segments * cfg.segment_size,), generator=generator)
-            for _ in range(batch_size)]
+    """``batch_size`` random documents of exactly ``n_segments`` full segments."""
+    return [_ordinary_ids(cfg, n_segments * cfg.segment_size, generator) for _ in range(batch_size)]
 
 
 def mixed_lengths(n_docs: int, max_segments: int, seed: int) -> List[int]:
@@ -23,7 +27,7 @@ def mixed_lengths(n_docs: int, max_segments: int, seed: int) -> List[int]:
 
 
 def mixed_docs(cfg, lengths: List[int], generator: torch.Generator) -> List[torch.Tensor]:
-    return [torch.randint(1000, cfg.vocab_size, (n * cfg.segment_size,), generator=generator) for n in lengths]
+    return [_ordinary_ids(cfg, n * cfg.segment_size, generator) for n in lengths]
 
 
 def pad_to_longest_steps(lengths: List[int], batch_size: int) -> int:
