@@ -114,7 +114,7 @@ def test_the_reference_baseline_gives_the_oracles_logits_on_a_padded_batch():
     """Documents of different lengths (a partial first segment, right-aligned): the reference's way."""
     model = tiny_model()
     S = model.config.segment_size
-    docs = random_docs([3 * S + 5, S, 2 * S - 1, 1], model.config.vocab_size, low=3)
+    docs = random_docs([S, 3 * S + 5, 2 * S - 1, 1], model.config.vocab_size, low=3)   # the longest not first
     want = torch.stack([oracle(model, d) for d in docs])
     steps = []
     with torch.no_grad():
