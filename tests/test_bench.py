@@ -23,9 +23,10 @@ def tiny_dir(tmp_path):
     return tmp_path / "tiny", model
 
 
-def _bench(argv, tmp_path, capsys):
+def _bench(argv, tmp_path, capsys, plot=False):
     out = tmp_path / "out"
-    assert main(["bench", "--no-progress", "--no-plot", "--out", str(out), "--dtype", "float32"] + argv) == 0
+    flags = [] if plot else ["--no-plot"]
+    assert main(["bench", "--no-progress", "--out", str(out), "--dtype", "float32"] + flags + argv) == 0
     return json.loads((out / "bench.json").read_text()), capsys.readouterr().out
 
 
@@ -57,10 +58,14 @@ def test_bench_json_rows_and_baselines_stopped_past_a_tiny_budget(tiny_dir, tmp_
         (b, B, 1) for b in ("reference", "tuned") for B in (1, 2)}
 
 
-def test_a_generous_budget_lets_the_baselines_finish(tiny_dir, tmp_path, capsys):
+def test_a_generous_budget_lets_the_baselines_finish_and_the_plots_are_drawn(tiny_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     path, _ = tiny_dir
-    doc, _ = _bench(["--model", str(path), "--segments", "4", "--budget-s", "600"], tmp_path, capsys)
+    doc, printed = _bench(["--model", str(path), "--segments", "1,4", "--budget-s", "600", "--timeline",
+                           "--timeline-segments", "3"], tmp_path, capsys, plot=True)
     assert all(r["stopped"] is None and r["ms_per_segment"] > 0 for r in doc["rows"])
+    for name in ("bench.png", "timeline.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG" and name in printed
 
 
 def test_the_memory_limit_stops_a_baseline_and_a_stop_between_batches_counts_segments():

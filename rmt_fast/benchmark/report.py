@@ -120,22 +120,24 @@ def plot_bench(rows: List[dict], path: Path, title: str) -> None:
     for (system, B), series in _series(rows).items():
         done = [r for r in series if not r.get("stopped")]
         stop = next((r for r in series if r.get("stopped")), None)
-        label = f"{system}, batch {B}" + (f" ({outcome(stop)})" if stop else "")
+        label = f"{system}, batch {B}" + (f": {outcome(stop)}" if stop else "")
         x = [r["segments"] for r in done]
         a.plot(x, [r["ms_per_segment"] for r in done], "o-", label=label)
-        b.plot(x, [r["peak_mib"] for r in done], "o-", label=label)
+        line, = b.plot(x, [r["peak_mib"] for r in done], "o-", label=label)
+        if stop is not None and stop["peak_mib"] is not None:   # measured up to the stop: drawn where it stopped
+            b.plot([stop["stopped"]["segments"]], [stop["peak_mib"]], "x", color=line.get_color(), ms=9)
     for (baseline, B), series in _series([dict(s, system=s["baseline"]) for s in speedups(rows)]).items():
         c.plot([s["segments"] for s in series], [s["speedup"] for s in series], "o-",
                label=f"over {baseline}, batch {B}")
     a.set(xscale="log", xlabel="document length (segments)", ylabel="ms per segment", title="time per segment")
     b.set(xscale="log", xlabel="document length (segments)", ylabel="peak MiB above the start",
-          title="peak memory")
+          title="peak memory (x: a stopped baseline, where it stopped)")
     c.axhline(1.0, color="grey", lw=0.8)
     c.set(xscale="log", xlabel="document length (segments)", ylabel="baseline time / Engine time",
           title="Engine speed-up")
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FuncFormatter
     for ax in (a, b, c):
-        ax.xaxis.set_major_formatter(ScalarFormatter())   # 16, not 1.6 x 10^1
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))   # 16, not 1.6 x 10^1
         ax.set_ylim(bottom=0)
         if ax.lines:
             ax.legend(fontsize=7)
