@@ -45,7 +45,7 @@ def header(extra: dict, device: torch.device, command: str) -> dict:
 def outcome(row: dict) -> str:
     stopped = row.get("stopped")
     if stopped:
-        said = f"stopped at {stopped['segments']} segments ({stopped['reason']})"
+        said = f"stopped at {stopped['segments']} {stopped.get('unit', 'segments')} ({stopped['reason']})"
         return f"not run: {said} at a shorter length" if stopped.get("not_run") else said
     return f"{row['ms_per_segment']:.1f} ms/segment, {row['tokens_per_s']:,.0f} tokens/s"
 

@@ -79,6 +79,8 @@ def mixed(systems: List[System], cfg, n_docs: int, max_segments: int, seed: int,
             for batching, runner in runs:
                 timed = time_point(runner, docs, B, device, limits.budget_s, limits.limit_bytes)
                 row = _row(system, "mixed", B, total, total, tokens, timed, device)
+                if row["stopped"]:       # a padded batch's step counts once, however many documents it holds
+                    row["stopped"]["unit"] = "steps"
                 steps = (workloads.slot_steps if batching == "slots" else workloads.pad_to_longest_steps)(lengths, B)
                 row.update(batching=batching, docs=n_docs, steps=steps,
                            row_utilization=total / (steps * B),
