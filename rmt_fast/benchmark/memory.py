@@ -5,6 +5,8 @@ on the CPU the process's resident set size (RSS), sampled on a thread.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import threading
 import time
@@ -25,6 +27,20 @@ def available_bytes() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def settle(device: torch.device) -> None:
+    """Let the previous run's freed memory go before the next baseline is taken: collect garbage and, on
+    the CPU, hand glibc's free pages back (malloc_trim), else RSS drifts down through the next run."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc: RSS is what it is
+        pass
 
 
 def measure_name(device: torch.device) -> str:

@@ -109,6 +109,7 @@ def timeline(systems: List[System], cfg, n_segments: int, batch_size: int, devic
     warm_up(systems, cfg, batch_size, gen)
     out = {}
     for system in systems:
+        memory.settle(device)
         base_alloc, base_res = memory.current(device)
         seg, alloc, res, stopped = [0], [0.0], [0.0], None
 

@@ -91,6 +91,7 @@ def time_point(system: System, docs: List[torch.Tensor], batch_size: int, device
     baseline was given up (its time is then not reported: never extrapolated)."""
     stop = None if isinstance(system, EngineSystem) else stopper(device, budget_s, limit_bytes)
     stopped = None
+    memory.settle(device)
     with torch.inference_mode(), memory.PeakMemory(device) as peak:
         t0 = time.perf_counter()
         try:
