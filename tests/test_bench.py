@@ -9,7 +9,7 @@ import torch
 
 from helpers import oracle, random_docs, tiny_model
 from rmt_fast.baselines import BaselineStopped, ReferenceBaseline
-from rmt_fast.benchmark import systems, workloads
+from rmt_fast.benchmark import models, systems, workloads
 from rmt_fast.cli import build_parser, main
 
 ROW_KEYS = {"system", "batch_size", "segments", "ms_per_segment", "tokens_per_s", "peak_mib", "memory_measure",
@@ -137,3 +137,16 @@ def test_the_reference_baseline_timeline_records_every_step(tiny_dir, tmp_path, 
     assert set(tl) == {"engine", "reference", "tuned"}
     assert tl["reference"]["segments"] == list(range(7)) and tl["reference"]["stopped"] is None
     assert len(tl["engine"]["allocated_mib"]) == len(tl["engine"]["segments"]) >= 2
+
+
+def test_layers_of_the_users_model_and_bad_flags_name_the_flag(tiny_dir, tmp_path, capsys):
+    path, _ = tiny_dir
+    doc, _ = _bench(["--model", str(path), "--layers", "1", "--segments", "1", "--baselines", "none"],
+                    tmp_path, capsys)
+    assert doc["meta"]["model_shape"].startswith("1 layers") and {r["system"] for r in doc["rows"]} == {"engine"}
+    assert len(models.user_model(path, None, 1).bert.encoder.layer) == 1     # the layers really go
+    assert main(["bench", "--model", str(path), "--layers", "5", "--out", str(tmp_path / "o")]) == 2
+    assert "--layers 5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--baselines", "reference,eager"])
+    assert "argument --baselines:" in capsys.readouterr().err
