@@ -119,10 +119,16 @@ def run(args) -> int:
     bar = tqdm(total=n_points * per_point + (len(compared) if args.timeline else 0), unit="point",
                desc="bench", disable=args.no_progress, dynamic_ncols=True)
 
+    finished = []       # every finished point, kept even when the run is interrupted
+
     def tick(row):
-        bar.write(f"timeline {row['system']}: {row['segments']:.0f} segments, peak {row['peak_mib']:.1f} MiB"
-                  + (f", {row['stopped']}" if row["stopped"] else "") if row.get("timeline")
-                  else report.point_line(row))
+        if row.get("timeline"):
+            stopped = f", {row['stopped']}" if row["stopped"] else ""
+            bar.write(f"timeline {row['system']}: {row['segments']:.0f} segments, "
+                      f"peak {row['peak_mib']:.1f} MiB{stopped}")
+        else:
+            finished.append(row)
+            bar.write(report.point_line(row))
         bar.update(1)
 
     name = args.model or args.shape or "bert-base"
@@ -130,12 +136,12 @@ def run(args) -> int:
     document = {"meta": report.header({"model": name, "model_shape": models.describe(model),
                                        "dtype": str(engine.dtype), "attention": args.attention,
                                        "budget_s": args.budget_s, "seed": args.seed}, device, command_line(args))}
-    rows, timeline = [], None
+    timeline = None
     try:
         if args.workload == "uniform":
-            rows = runs.points(compared, cfg, args.segments, args.batch_sizes, device, limits, gen, tick)
+            runs.points(compared, cfg, args.segments, args.batch_sizes, device, limits, gen, tick)
         else:
-            rows, lengths = runs.mixed(compared, cfg, args.docs, args.max_segments, args.seed,
+            _, lengths = runs.mixed(compared, cfg, args.docs, args.max_segments, args.seed,
                                        args.batch_sizes, device, limits, gen, tick)
             document["mixed"] = {"distribution": f"log-uniform on [1, {args.max_segments}] segments, seed {args.seed}",
                                  "lengths": lengths, **workloads.describe_lengths(lengths)}
@@ -144,6 +150,7 @@ def run(args) -> int:
             timeline = runs.timeline(compared, cfg, n, args.batch_sizes[0], device, limits, gen, tick)
     finally:
         bar.close()
+        rows = finished
         document.update(rows=rows, speedups=report.speedups(rows), timeline=timeline)
         report.write_json(out / "bench.json", document)   # whatever finished is kept, even on Ctrl-C
     print(report.table(rows))

@@ -150,3 +150,21 @@ def test_layers_of_the_users_model_and_bad_flags_name_the_flag(tiny_dir, tmp_pat
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "--baselines", "reference,eager"])
     assert "argument --baselines:" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_keeps_the_points_already_finished(tiny_dir, tmp_path, monkeypatch, capsys):
+    path, _ = tiny_dir
+    real = systems.time_point
+    calls = []
+
+    def interrupt_the_fourth(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr("rmt_fast.benchmark.runs.time_point", interrupt_the_fourth)
+    out = tmp_path / "out"
+    assert main(["bench", "--model", str(path), "--segments", "1,2", "--no-progress", "--no-plot",
+                 "--out", str(out)]) == 130
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert [(r["system"], r["segments"]) for r in rows] == [("engine", 1), ("reference", 1), ("tuned", 1)]
