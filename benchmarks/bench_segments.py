@@ -8,7 +8,8 @@
 plus the floor: the full model's matmul FLOPs per segment at the bfloat16 GEMM rate measured in this run
 (at the GEMM shape of each batch size).
 
-bert-base-cased shape (12 layers, hidden 768), random weights, full segments of 499 text tokens.
+bert-base-cased shape (12 layers, hidden 768), random weights, full segments of 499 text tokens. The
+baselines' loop is rmt_fast.baselines (shared with `rmt-fast bench`, which also runs mixed lengths).
 
   python benchmarks/bench_segments.py [--segments 3] [--batch-sizes 1,8] [--layers 12] [--device cpu]
                                       [--attention auto|sdpa,matmul,triton] [--out FILE.json]
@@ -16,7 +17,6 @@ bert-base-cased shape (12 layers, hidden 768), random weights, full segments of 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import time
@@ -25,43 +25,8 @@ from pathlib import Path
 import torch
 
 from rmt_fast import Engine
+from rmt_fast.baselines import reference_loop
 from rmt_fast.bench import PeakMemory, builtin_model
-
-
-def reference_loop(model, docs, dtype, keep_outputs, attn, device="cpu"):
-    """The reference's inference as a timed baseline: one batched HF call per segment, memory from
-    hidden_states[-1], every segment's outputs kept when ``keep_outputs`` (what costs the reference its
-    memory). Full segments of equal-length documents only.
-
-    This is a benchmark baseline, not a test oracle: it measures the reference's way (batched, eager or
-    SDPA attention, in ``dtype``, outputs kept). The answer tests check against is ``tests/oracle.py``,
-    and ``tests/test_oracle.py`` checks that this loop gives the oracle's logits.
-    """
-    cfg = model.config
-    backbone = copy.deepcopy(model.model).to(device=device, dtype=dtype)
-    backbone.set_attn_implementation(attn)
-    word = backbone.get_input_embeddings()
-    M, S, T = cfg.num_mem_tokens, cfg.segment_size, cfg.input_size
-    mem_ids = torch.arange(cfg.vocab_size, cfg.vocab_size + M, device=device)
-
-    def run():
-        B = len(docs)
-        memory = word(mem_ids).unsqueeze(0).expand(B, -1, -1)
-        kept = []
-        for s in range(docs[0].numel() // S):
-            ids = torch.full((B, T), cfg.pad_token_id, device=device)
-            ids[:, 0], ids[:, 1:M + 1], ids[:, M + 1] = cfg.cls_token_id, mem_ids, cfg.sep_token_id
-            ids[:, M + 2:M + 2 + S] = torch.stack([d[s * S:(s + 1) * S] for d in docs]).to(device)
-            ids[:, M + 2 + S] = cfg.sep_token_id
-            emb = word(ids)
-            emb[:, 1:M + 1] = memory
-            out = backbone(inputs_embeds=emb, attention_mask=(ids != cfg.pad_token_id).long(),
-                           output_hidden_states=True)
-            memory = out.hidden_states[-1][:, 1:M + 1]
-            if keep_outputs:
-                kept.append(out)
-        return out.logits
-    return run
 
 
 def _sync(device):

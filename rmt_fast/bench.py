@@ -1,147 +1,166 @@
-"""``rmt-fast bench``: per-segment throughput and peak memory as the input grows, on a built-in model.
+"""``rmt-fast bench``: the Engine against the reference's way and a tuned baseline, on the user's model
+or a built-in shape, on the same documents in one run.
 
-The built-in model has bert-base-cased's shape (rmt_fast/data/bert-base-cased/config.json) with random
-weights: speed and memory do not depend on the weights' values.
+Points (equal-length documents at each length and batch size), a mixed workload (log-uniform lengths:
+slots refilled against the reference's pad-to-longest batches) and a memory timeline through one long
+run. A baseline past ``--budget-s`` or its memory limit is stopped and reported as stopped, never
+extrapolated. The pieces live in ``rmt_fast.benchmark``; this module is the command line.
 """
 from __future__ import annotations
 
-import json
-import os
-import threading
-import time
-from pathlib import Path
+import argparse
 
 import torch
 
-from . import files, plotting
-from .cli_args import check_output_dir, positive_int, positive_int_list
-
-DATA = Path(__file__).resolve().parent / "data"
-
-
-def builtin_model(num_layers: int = 12, num_labels: int = 6):
-    from transformers import BertConfig
-
-    from .config import RMTConfig
-    from .model import RMTForSequenceClassification
-
-    bconf = BertConfig.from_json_file(str(DATA / "bert-base-cased" / "config.json"))
-    bconf.num_hidden_layers = num_layers
-    cfg = RMTConfig(vocab_size=bconf.vocab_size, num_mem_tokens=10, input_size=512, num_labels=num_labels)
-    return RMTForSequenceClassification.from_configs(cfg, bconf).eval()
+from . import plotting
+from .benchmark import memory, models, report, runs, systems, workloads
+from .benchmark.memory import PeakMemory, rss_bytes as _rss_bytes  # noqa: F401 - public since issue 2
+from .benchmark.models import DATA  # noqa: F401 - benchmarks/bench_compat.py reads it
+from .benchmark.report import plot_lengths as plot  # noqa: F401 - benchmarks/bench_driver.py draws with it
+from .cli_args import check_output_dir, positive_float, positive_int, positive_int_list
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def builtin_model(num_layers: int = 12, num_labels: int = 6, shape: str = "bert-base"):
+    """A random-weight model of a built-in shape (bert-base-cased's by default) with ``num_layers``."""
+    return models.shape_model(shape, num_layers, num_labels)
 
 
-class PeakMemory:
-    """Peak memory above the level at entry: the CUDA allocator's peak on a GPU, sampled RSS on the CPU."""
-
-    def __init__(self, device: torch.device, interval: float = 0.005):
-        self.device, self.interval, self.peak = torch.device(device), interval, 0
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-        else:
-            self._base = _rss_bytes()
-            self._max = self._base
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self._max = max(self._max, _rss_bytes())
-            self._stop.wait(self.interval)
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self._max, _rss_bytes()) - self._base
-        return False
-
-
-def measure(engine, n_segments: int, batch_size: int = 1, progress: bool = False) -> dict:
-    """Classify ``batch_size`` random documents of exactly ``n_segments`` full segments each."""
-    cfg = engine.config
-    n_tokens = n_segments * cfg.segment_size
-    docs = [torch.randint(1000, cfg.vocab_size, (n_tokens,)) for _ in range(batch_size)]
-    engine.classify([d[: cfg.segment_size] for d in docs], batch_size=batch_size)  # warm-up
-    with PeakMemory(engine.device) as mem:
-        t0 = time.perf_counter()
-        engine.classify(docs, batch_size=batch_size, progress=progress)
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize(engine.device)
-        seconds = time.perf_counter() - t0
-    return {"segments": n_segments, "tokens": n_tokens, "batch_size": batch_size, "seconds": seconds,
-            "ms_per_segment": 1000 * seconds / (n_segments * batch_size),
-            "segments_per_s": n_segments * batch_size / seconds, "peak_mib": mem.peak / 2**20}
-
-
-def plot(rows, path: Path, title: str) -> None:
-    plt = plotting.pyplot()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    x = [r["tokens"] for r in rows]
-    a.plot(x, [r["ms_per_segment"] for r in rows], "o-")
-    a.set(xscale="log", xlabel="input length (tokens)", ylabel="ms per segment", title="time per segment",
-          ylim=(0, 1.2 * max(r["ms_per_segment"] for r in rows)))
-    b.plot(x, [r["peak_mib"] for r in rows], "o-")
-    b.set(xscale="log", xlabel="input length (tokens)", ylabel="peak memory above start (MiB)",
-          title="peak memory", ylim=(0, max(1.0, 1.5 * max(r["peak_mib"] for r in rows))))
-    fig.suptitle(title)
-    fig.tight_layout()
-    plotting.savefig(fig, path, dpi=100)
+def _baselines(text: str):
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in systems.BASELINES + ("none",)]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(systems.BASELINES)} "
+                                         f"(or none), got {text!r}")
+    return [n for n in names if n != "none"]
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="per-segment time and peak memory at growing lengths (built-in model)")
+    p = subparsers.add_parser("bench", help="the Engine against the reference's way: time, memory, workloads")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--model", help="an rmt_fast model folder, or a reference model_best.pth")
+    what.add_argument("--shape", choices=sorted(models.SHAPES),
+                      help="a built-in shape with random weights (default bert-base)")
+    p.add_argument("--backbone-config", help="config.json (or folder) of a reference checkpoint's backbone")
+    p.add_argument("--layers", type=positive_int, help="keep this many encoder layers (default: all)")
     p.add_argument("--segments", type=positive_int_list, default=[1, 16, 256, 4096],
-                   help="comma-separated lengths in segments")
-    p.add_argument("--layers", type=positive_int, default=12, help="encoder layers of the built-in bert-base shape")
-    p.add_argument("--batch-size", type=positive_int, default=1)
+                   help="comma-separated document lengths in segments")
+    p.add_argument("--batch-sizes", type=positive_int_list, default=[1],
+                   help="comma-separated batch sizes (documents side by side)")
+    p.add_argument("--batch-size", dest="batch_sizes", type=positive_int_list, help=argparse.SUPPRESS)
+    p.add_argument("--baselines", type=_baselines, default=list(systems.BASELINES),
+                   help="comma-separated: reference (eager fp32, outputs kept), tuned (SDPA, bf16/fp16), or none")
+    p.add_argument("--budget-s", type=positive_float, default=60.0,
+                   help="seconds a baseline may take per point before it is stopped")
+    p.add_argument("--memory-limit-mib", type=positive_int,
+                   help="RSS growth (MiB) at which a baseline is stopped on the CPU (default: 80%% of MemAvailable)")
+    p.add_argument("--workload", choices=["uniform", "mixed"], default="uniform",
+                   help="uniform: equal-length documents per point; mixed: log-uniform lengths")
+    p.add_argument("--docs", type=positive_int, default=64, help="documents of the mixed workload")
+    p.add_argument("--max-segments", type=positive_int, default=64, help="longest document of the mixed workload")
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights, the documents and the mixed lengths")
+    p.add_argument("--timeline", action="store_true", help="also record memory per segment through one run")
+    p.add_argument("--timeline-segments", type=positive_int, help="its length (default: the largest --segments)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 GEMMs on the CPU (weights per channel, activations per token; docs/ARCHITECTURE.md)")
     p.add_argument("--attention", default="auto")
-    p.add_argument("--out", default="bench-results", help="folder for bench.json and bench.png")
-    p.add_argument("--no-plot", action="store_true", help="skip bench.png (needs matplotlib)")
-    p.set_defaults(func=run)
+    p.add_argument("--out", default="bench-results", help="folder for bench.json and the plots")
+    p.add_argument("--no-plot", action="store_true", help="skip the plots (they need matplotlib)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run, bench_parser=p)
+
+
+def command_line(args) -> str:
+    """The command that repeats this run, every option spelled out (defaults included)."""
+    import shlex
+
+    words = ["rmt-fast", "bench"]
+    for action in args.bench_parser._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or action.help == argparse.SUPPRESS or action.dest == "help" \
+                or value in (None, False):
+            continue
+        words.append(action.option_strings[0])
+        if value is not True:
+            words.append(",".join(map(str, value)) if isinstance(value, list) else str(value))
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _load(args):
+    if args.model:
+        return models.user_model(args.model, args.backbone_config, args.layers)
+    if args.backbone_config:
+        raise ValueError("--backbone-config goes with --model (a reference checkpoint)")
+    return builtin_model(args.layers, shape=args.shape or "bert-base")
 
 
 def run(args) -> int:
+    from tqdm import tqdm
+
     from .engine import Engine
 
     out = check_output_dir(args.out, "--out")  # before minutes of compute, not after
     if not args.no_plot:
         plotting.require_matplotlib()
-    torch.manual_seed(0)
-    engine = Engine(builtin_model(args.layers), device=args.device, dtype=args.dtype, attention=args.attention,
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    model = _load(args)
+    cfg = model.config
+    engine = Engine(model, device=args.device, dtype=args.dtype, attention=args.attention,
                     quantize=args.quantize)
-    rows = []
-    print(f"{'segments':>9} {'tokens':>10} {'ms/segment':>11} {'segments/s':>11} {'peak MiB':>9}")
-    for n in args.segments:
-        r = measure(engine, n, args.batch_size, progress=True)
-        rows.append(r)
-        print(f"{r['segments']:>9} {r['tokens']:>10} {r['ms_per_segment']:>11.1f} {r['segments_per_s']:>11.2f} "
-              f"{r['peak_mib']:>9.1f}", flush=True)
-    meta = {"device": str(engine.device), "dtype": str(engine.dtype), "quantize": args.quantize, "layers": args.layers,
-            "batch_size": args.batch_size, "torch": torch.__version__}
-    files.write_text(out / "bench.json", json.dumps({"meta": meta, "rows": rows}, indent=2))
+    device = engine.device
+    compared = [systems.EngineSystem(engine)] + [systems.BaselineSystem(n, model, device, engine.dtype)
+                                                 for n in args.baselines]
+    limit = None
+    if device.type == "cpu":
+        grow = args.memory_limit_mib * 2**20 if args.memory_limit_mib else int(0.8 * memory.available_bytes())
+        limit = memory.rss_bytes() + grow
+    limits = runs.Limits(args.budget_s, limit)
+    n_points = (len(args.segments) if args.workload == "uniform" else 1) * len(args.batch_sizes)
+    per_point = len(compared) + (1 if args.workload == "mixed" else 0)
+    bar = tqdm(total=n_points * per_point + (len(compared) if args.timeline else 0), unit="point",
+               desc="bench", disable=args.no_progress, dynamic_ncols=True)
+
+    finished = []       # every finished point, kept even when the run is interrupted
+
+    def tick(row):
+        if row.get("timeline"):
+            stopped = f", {row['stopped']}" if row["stopped"] else ""
+            bar.write(f"timeline {row['system']}: {row['segments']:.0f} segments, "
+                      f"peak {row['peak_mib']:.1f} MiB{stopped}")
+        else:
+            finished.append(row)
+            bar.write(report.point_line(row))
+        bar.update(1)
+
+    name = args.model or args.shape or "bert-base"
+    title = f"rmt_fast, {name} ({models.describe(model)}), {str(engine.dtype).replace('torch.', '')}, {device}"
+    document = {"meta": report.header({"model": name, "model_shape": models.describe(model),
+                                       "dtype": str(engine.dtype), "quantize": args.quantize, "attention": args.attention,
+                                       "budget_s": args.budget_s, "seed": args.seed}, device, command_line(args))}
+    timeline = None
+    try:
+        if args.workload == "uniform":
+            runs.points(compared, cfg, args.segments, args.batch_sizes, device, limits, gen, tick)
+        else:
+            _, lengths = runs.mixed(compared, cfg, args.docs, args.max_segments, args.seed,
+                                       args.batch_sizes, device, limits, gen, tick)
+            document["mixed"] = {"distribution": f"log-uniform on [1, {args.max_segments}] segments, seed {args.seed}",
+                                 "lengths": lengths, **workloads.describe_lengths(lengths)}
+        if args.timeline:
+            n = args.timeline_segments or max(args.segments)
+            timeline = runs.timeline(compared, cfg, n, args.batch_sizes[0], device, limits, gen, tick)
+    finally:
+        bar.close()
+        rows = finished
+        document.update(rows=rows, speedups=report.speedups(rows), timeline=timeline)
+        report.write_json(out / "bench.json", document)   # whatever finished is kept, even on Ctrl-C
+    print(report.table(rows))
+    if args.workload == "mixed":
+        print(report.mixed_summary(rows, document["mixed"]))
     written = [out / "bench.json"]
     if not args.no_plot:
-        plot(rows, out / "bench.png", f"rmt_fast, bert-base shape, {engine.dtype}, {engine.device}, "
-                                      f"batch {args.batch_size}")
-        written.append(out / "bench.png")
-    print("wrote " + " and ".join(str(w) for w in written))
+        written += report.write_plots(out, rows, timeline, title)
+    print("wrote " + ", ".join(str(w) for w in written))
     return 0

@@ -26,12 +26,9 @@ def test_the_differentiable_oracle_is_the_oracle():
 
 
 def test_the_benchmark_baseline_gives_the_oracles_logits():
-    """benchmarks/bench_segments.py's reference loop (a timing baseline) computes what the oracle does."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from bench_segments import reference_loop
-    finally:
-        sys.path.pop(0)
+    """rmt_fast.baselines' reference loop (the timing baseline of rmt-fast bench and
+    benchmarks/bench_segments.py) computes what the oracle does."""
+    from rmt_fast.baselines import reference_loop
     model = tiny_model()
     S = model.config.segment_size
     docs = random_docs([3 * S, 3 * S], model.config.vocab_size, low=3)
