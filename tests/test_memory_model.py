@@ -10,6 +10,7 @@ from rmt_fast import Engine
 from rmt_fast.cli import main
 from rmt_fast.engine.options import RunOptions
 from rmt_fast.perfmodel import estimate, parse_size
+from test_perfmodel import _tensors
 
 GIB = 2 ** 30
 
@@ -55,6 +56,15 @@ def test_engine_chooses_the_most_slots_that_fit(caplog):
     assert Engine(model, dtype="float32").max_slots is None
     with pytest.raises(ValueError, match=rf"cannot fit one slot: .* needs at least {peak[0]} bytes"):
         Engine(model, dtype="float32", max_memory=peak[0] - 1)
+
+
+def test_a_budget_the_weights_fill_holds_no_slot():
+    """Against the plan's real tensors, not the model's own sum: the weights count toward the budget."""
+    model = tiny_model()
+    plan = Engine(model, dtype="float32", packed_weights=False).plan
+    weights = sum({t.data_ptr(): t.nbytes for t in _tensors(plan)}.values())
+    with pytest.raises(ValueError, match="cannot fit one slot"):
+        Engine(model, dtype="float32", packed_weights=False, max_memory=weights)
 
 
 def test_engine_runs_at_most_max_slots():
