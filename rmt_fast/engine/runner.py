@@ -406,8 +406,8 @@ class Engine:
             batch_size = options.batch_size
         if self.max_slots is not None and isinstance(batch_size, int) and batch_size > self.max_slots:
             raise ValueError(f"batch_size (--batch-size) {batch_size} does not fit max_memory (--max-memory) "
-                             f"{self.max_memory} bytes ({self.max_memory / 2**30:.2f} GiB), which holds at most {self.max_slots} slots; "
-                             f"pass batch_size <= {self.max_slots} or leave it out")
+                             f"{self.max_memory} bytes ({self.max_memory / 2**30:.2f} GiB), which holds at most "
+                             f"{self.max_slots} slots; pass batch_size <= {self.max_slots} or leave it out")
         return batch_size
 
     @staticmethod
