@@ -373,13 +373,14 @@ def step_pascal_budget(args, rec: Recorder) -> int:
     """The GTX 1080 Ti's run emulated (issue 16): 11 GiB cap, float32, the attention an sm_61 GPU gets.
 
     (1) One document of 4,096 segments at B=1: time and peak by all three measures, next to
-    memory_budget's estimate (the report's "3.6 GB" is the base model's figure). (2) The slot count
+    perfmodel.estimate's (the report's "3.6 GB" is the base model's figure). (2) The slot count
     ``max_memory="10GiB"`` chooses, one 2-segment document per slot: the measured peak must fit the budget.
     """
     import torch
 
     from rmt_fast import Engine
-    from rmt_fast.engine import backends, memory_budget
+    from rmt_fast.engine import backends
+    from rmt_fast.perfmodel import estimate
 
     z = _sizes(args)
     dev, cuda = z["device"], z["device"] == "cuda"
@@ -396,8 +397,9 @@ def step_pascal_budget(args, rec: Recorder) -> int:
     S, n = cfg.segment_size, z["long_segments"]
     doc = torch.randint(1000, cfg.vocab_size, (n * S,))
     engine.classify([doc[:2 * S]], batch_size=1)                       # warm-up: capture
-    est1 = memory_budget.estimate(cfg, bconf, torch.float32, 1, cuda_graphs=cuda)
-    result = {"attention_sm61": attention, "estimate_b1_mib": est1.total / MIB, "segments": n}
+    dims = estimate.dims_of(cfg, bconf)
+    est1 = estimate.peak_bytes(dims, 1, "float32", cuda, engine.cuda_graphs)
+    result = {"attention_sm61": attention, "estimate_b1_mib": est1 / MIB, "segments": n}
     probe = VramProbe(dev) if cuda else None
     t0 = time.perf_counter()
     with (probe or _Nothing()):
@@ -406,19 +408,25 @@ def step_pascal_budget(args, rec: Recorder) -> int:
     if probe:
         result.update(b1_peak_absolute_mib={k: v / MIB for k, v in probe.absolute.items()})
     rec.set(**result)
-    best = memory_budget.max_slots(cfg, bconf, torch.float32, budget, cuda_graphs=cuda)
-    result.update(chosen_slots=best.slots, estimate_mib=best.total / MIB, estimate=best.describe())
+    del engine                                  # the budget's Engine alone on the device
+    if cuda:
+        torch.cuda.empty_cache()
+    engine = Engine(model, dev, torch.float32, attention=attention, max_memory=budget)
+    slots = engine.max_slots
+    parts = estimate.memory_parts(dims, slots, "float32", cuda, engine.cuda_graphs)
+    result.update(chosen_slots=slots, estimate_mib=sum(parts.values()) / MIB,
+                  estimate={k: v / MIB for k, v in parts.items()})
     rec.set(**result)
-    docs = [torch.randint(1000, cfg.vocab_size, (2 * S,)) for _ in range(best.slots)]
-    engine.classify(docs[:best.slots], batch_size=best.slots)          # warm-up: capture at this width
+    docs = [torch.randint(1000, cfg.vocab_size, (2 * S,)) for _ in range(slots)]
+    engine.classify(docs)                                              # warm-up: capture at this width
     probe = VramProbe(dev) if cuda else None
     with (probe or _Nothing()):
-        engine.classify(docs, batch_size=best.slots)
+        engine.classify(docs)
     if probe:
         result.update(slots_peak_absolute_mib={k: v / MIB for k, v in probe.absolute.items()},
                       fits=probe.absolute["reserved"] <= budget)
     rec.set(**result, summary=f"B=1 fp32 {n} segments in {result['seconds']:.1f} s; max_memory chose "
-            f"{best.slots} slots (estimate {best.total / MIB:.0f} MiB)")
+            f"{slots} slots (estimate {result['estimate_mib']:.0f} MiB)")
     print(json.dumps(result, indent=1, default=str))
     return 0 if result.get("fits", True) else 1
 

@@ -44,7 +44,9 @@ def add_cli(subparsers):
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 GEMMs on the CPU (weights per channel, activations per token; docs/ARCHITECTURE.md)")
     p.add_argument("--attention", default="auto")
-    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int,
+                   help="documents side by side (default 8, or the most --max-memory holds)")
+    p.add_argument("--max-memory", help="device memory budget, e.g. 10GiB: the most slots whose predicted peak fits")
     p.add_argument("--empty", choices=["error", "special"], default="error",
                    help="an empty document is an error (default) or gets one segment of special tokens")
     p.add_argument("--decode-errors", choices=["strict", "replace"], default="strict",
@@ -153,7 +155,7 @@ def _classify(args, names: List[str]) -> int:
         raise ValueError("a reference checkpoint (--model FILE.pth) needs --tokenizer")
     tokenizer = load_tokenizer(tok_path)
     engine = Engine(model, device=_device(args.device), dtype=args.dtype, attention=args.attention,
-                    quantize=args.quantize)
+                    quantize=args.quantize, max_memory=args.max_memory)
     labels = model.config.label_names or tuple(str(i) for i in range(model.config.num_labels))
 
     results = ResultsFile(args.output, names) if args.output else None

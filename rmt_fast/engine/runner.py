@@ -33,9 +33,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import _ext, segmentation
+from ..chunking import RING, STEPS_PER_CHUNK, steps_per_chunk  # noqa: F401 (re-exported)
 from ..inputs import InvalidDocumentsError, as_documents
 from ..memory_state import MemoryState
 from ..model import RMTForSequenceClassification
+from ..perfmodel import estimate, parse_size
 from . import device_policy, graphs, reading
 from .feeder import Feeder
 from .options import RunOptions
@@ -50,13 +52,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-STEPS_PER_CHUNK = 64          # steps laid out and copied at a time (fewer for wide batches)
-RING = 3                      # chunk buffers in flight: one computing, one copied, one being laid out
-
-
-def steps_per_chunk(slots: int) -> int:
-    """About 512 segment rows per chunk (256 KiB of ids at T = 512), at least 8 steps."""
-    return max(8, min(STEPS_PER_CHUNK, 512 // slots))
+DEFAULT_BATCH = 8             # slots when neither batch_size nor max_memory says
 
 
 def resolve_device(device) -> torch.device:
@@ -121,6 +117,13 @@ class Engine:
     (per output channel) and per-token int8 activations, summed in int32; the rest as in ``dtype``
     (``engine.plan.quantize_status`` says which kernel; see ``engine.quant``).
 
+    max_memory: a device memory budget ('10GiB', '500MB' or bytes). The Engine takes the most slots
+    whose predicted peak device memory fits it (``perfmodel.estimate.memory_parts``: weights, state,
+    ring, one step's activations, graph pool, CUDA context; the peak does not grow with document length),
+    exposed as ``max_slots`` and logged. A call without batch_size then runs ``max_slots`` slots; a
+    batch_size above ``max_slots`` raises ValueError (an explicit request the budget cannot meet). A
+    budget below one slot's peak raises ValueError naming that minimum.
+
     An option set explicitly (True, or a named backend) that cannot be met here raises ValueError or
     RuntimeError at construction; None/'auto' choose quietly.
 
@@ -135,7 +138,7 @@ class Engine:
 
     def __init__(self, model: RMTForSequenceClassification, device="cpu", dtype="auto",
                  attention: str = "auto", *, cuda_graphs: Optional[bool] = None, overlap: bool = True,
-                 packed_weights: Optional[bool] = None, quantize: Optional[str] = None):
+                 packed_weights: Optional[bool] = None, quantize: Optional[str] = None, max_memory=None):
         self.device = resolve_device(device)
         self.dtype = device_policy.resolve(dtype, self.device, resolve_dtype)
         cuda_graphs = _optional_bool("cuda_graphs", cuda_graphs)
@@ -152,6 +155,9 @@ class Engine:
         self.static_loop = self.device.type == "cuda"
         self._graphs_off_reason = None if self.cuda_graphs else (reason or "turned off (cuda_graphs=False)")
         self._model, self._plan_options = model, (attention, packed_weights, quantize)
+        # Checked before the plan puts the weights on the device.
+        self.max_memory = None if max_memory is None else parse_size(max_memory, "max_memory (--max-memory)")
+        self.max_slots: Optional[int] = None if max_memory is None else self._slots_within(self.max_memory)
         self._lock = threading.RLock()          # rebuilding the plan; a static-loop call (shared runners)
         self._bound = threading.local()         # .plan: the plan of the call running on this thread
         self._watch = SourceWatch(model)        # recorded before the plan reads the weights
@@ -188,6 +194,8 @@ class Engine:
             self._plan = InferencePlan(self._model, self.device, self.dtype, *self._plan_options)
             self._watch = watch
             self._runners, self._graph_pool = {}, None   # they hold the old plan
+            if self.max_memory is not None:             # the config may have changed
+                self.max_slots = self._slots_within(self.max_memory)
         log.info("rmt_fast: the model changed (%s); plan rebuilt", reason)
         return reason
 
@@ -229,17 +237,19 @@ class Engine:
     # -- public --------------------------------------------------------------------------------
     @_public_call
     @torch.inference_mode()
-    def classify(self, docs: Sequence, batch_size: int = 8, empty: str = "error",
+    def classify(self, docs: Sequence, batch_size: Optional[int] = None, empty: str = "error",
                  progress: bool = False) -> torch.Tensor:
         """Logits [len(docs), num_labels] float32 (on the CPU), in input order.
 
         docs: 1-D integer id sequences of any lengths (tensors, numpy arrays or lists); special ids
         are removed and documents longer than ``max_n_segments`` segments keep their head, as in the
-        reference. batch_size: how many documents run side by side (slots).
+        reference. batch_size: how many documents run side by side (slots; default ``max_slots`` with a
+        max_memory, else 8).
         empty: what a document with no tokens left gets: 'error' (default; nothing is computed and
         InvalidDocumentsError names every such document) or 'special' (one segment holding only
         [CLS], memory and two [SEP], i.e. the model's answer to an empty text).
         """
+        batch_size = self._batch(batch_size)
         self._check_options(batch_size, empty)
         cfg = self.config
         raw = as_documents(docs, cfg)
@@ -277,7 +287,8 @@ class Engine:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise InvalidDocumentsError({i: f"expected a str, got {type(t).__name__}"})
-        opts = RunOptions.merge(options, batch_size=batch_size, empty=empty, progress=progress, **option_kwargs)
+        opts = RunOptions.merge(options, batch_size=self._batch(batch_size, options), empty=empty,
+                                progress=progress, **option_kwargs)
         return self._stream(iter([(None, t) for t in texts]), len(texts), tokenizer, opts, None, on_result)
 
     @_public_call
@@ -315,7 +326,8 @@ class Engine:
         """
         if isinstance(sources, (str, bytes, os.PathLike)) or hasattr(sources, "read"):
             raise TypeError("sources must be an iterable of documents (e.g. a list of paths), not one document")
-        opts = RunOptions.merge(options, batch_size=batch_size, empty=empty, progress=progress, **option_kwargs)
+        opts = RunOptions.merge(options, batch_size=self._batch(batch_size, options), empty=empty,
+                                progress=progress, **option_kwargs)
         names = list(names) if names is not None else None
         n = len(sources) if hasattr(sources, "__len__") else None
 
@@ -399,6 +411,34 @@ class Engine:
         return out
 
     # -- the loop ---------------------------------------------------------------------------------
+    def _slots_within(self, budget: int) -> int:
+        """The most slots whose predicted peak device memory fits ``budget`` bytes."""
+        dims = estimate.dims_of(self._model.config, self._model.model.config)   # unfused FFN: the larger
+        dtype, cuda = str(self.dtype).replace("torch.", ""), self.device.type == "cuda"
+        slots = estimate.max_batch(dims, dtype, cuda, budget, graphs=self.cuda_graphs)
+        if slots == 0:
+            need = estimate.peak_bytes(dims, 1, dtype, cuda, self.cuda_graphs)
+            raise ValueError(f"max_memory (--max-memory) {budget} bytes ({budget / 2**30:.2f} GiB) cannot fit "
+                             f"one slot: this model in {dtype} on {self.device} needs at least {need} bytes "
+                             f"({need / 2**30:.2f} GiB)")
+        peak = estimate.peak_bytes(dims, slots, dtype, cuda, self.cuda_graphs)
+        log.info("rmt_fast: max_memory %.2f GiB holds %d slots: batch %d (predicted peak %.2f GiB)",
+                 budget / 2**30, slots, slots, peak / 2**30)
+        return slots
+
+    def _batch(self, batch_size: Optional[int], options: Optional[RunOptions] = None) -> Optional[int]:
+        """The slots a call asks for: ``batch_size``, else the options', else ``max_slots`` or 8. A request
+        above ``max_slots`` raises (a batch the budget cannot hold must not run quietly smaller)."""
+        if batch_size is None:
+            if options is None:
+                return DEFAULT_BATCH if self.max_slots is None else self.max_slots
+            batch_size = options.batch_size
+        if self.max_slots is not None and isinstance(batch_size, int) and batch_size > self.max_slots:
+            raise ValueError(f"batch_size (--batch-size) {batch_size} does not fit max_memory (--max-memory) "
+                             f"{self.max_memory} bytes ({self.max_memory / 2**30:.2f} GiB), which holds at most "
+                             f"{self.max_slots} slots; pass batch_size <= {self.max_slots} or leave it out")
+        return batch_size
+
     @staticmethod
     def _check_options(batch_size, empty) -> None:
         if empty not in ("error", "special"):

@@ -22,12 +22,16 @@ _UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 *
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
 
 
-def parse_size(text: str) -> int:
-    """'10GiB', '500 MB', '1.5e9' -> bytes."""
+def parse_size(text, name: str = "--max-memory") -> int:
+    """'10GiB', '500 MB', '1.5e9' or a positive int -> bytes; errors name ``name``."""
     m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kmgt]i?b|b)?\s*", str(text).lower())
-    if not m:
-        raise ValueError(f"--max-memory {text!r}: expected a size such as 10GiB, 500MB or 1e9")
-    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+    try:
+        size = int(float(m.group(1)) * _UNITS[m.group(2) or ""]) if m and not isinstance(text, bool) else 0
+    except ValueError:          # '1.2.3'
+        size = 0
+    if size < 1:
+        raise ValueError(f"{name} {text!r}: expected a positive size such as 10GiB, 500MB or 1e9")
+    return size
 
 
 def add_cli(subparsers) -> None:

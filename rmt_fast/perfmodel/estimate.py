@@ -9,7 +9,10 @@ the same way for their real row counts.
 
 Memory: what the Engine holds on the device (``memory_parts``): the plan's weights (float32 embedding
 tables, the layers in the compute dtype), per slot the memory state, result rows and the
-feeder's device ring, one step's live activations at that width, a workspace and the CUDA context.
+feeder's device ring, one step's live activations at that width, with CUDA graphs the graph pool (one
+more step's activations), a workspace and the CUDA context. None of it grows with document length, so
+``max_batch`` (the most slots a budget holds; ``Engine(max_memory=...)`` uses it) holds for any length.
+The feeder's host ring and the host result rows are host memory and not counted.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 from ..analysis.flops import ModelShape, forward_flops
+from ..chunking import RING, STEPS_PER_CHUNK, steps_per_chunk
 from .devices import DeviceSpec
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -30,7 +34,6 @@ EAGER_LAUNCH_S = 8e-6        # torch's host cost per eager CUDA kernel (dispatch
 GRAPH_LAUNCH_S = 1.5e-6      # gap per kernel when replayed from a CUDA graph
 CUDA_CONTEXT_BYTES = 500 * 2 ** 20   # driver context + torch's kernels, outside the caching allocator
 CUBLAS_WORKSPACE_BYTES = 8 * 2 ** 20 + 8 * 16 * 2 ** 10   # torch's default ":4096:2:16:8"
-RING, STEPS_PER_CHUNK = 3, 64        # engine.runner's feeder ring and chunk length
 META_FIELDS = 6                      # engine.steprows.FIELDS: int64 meta fields per row of a step
 
 
@@ -66,6 +69,14 @@ def dims_from_model_dir(path: Union[str, Path], fused_act: bool = False) -> Dims
     return Dims(b["num_hidden_layers"], b["hidden_size"], b["num_attention_heads"], b["intermediate_size"],
                 b["vocab_size"], b["max_position_embeddings"], r["num_mem_tokens"], r["input_size"],
                 r["num_labels"], fused_act)
+
+
+def dims_of(rmt_config, bert_config, fused_act: bool = False) -> Dims:
+    """Dims from a loaded model's RMTConfig and its backbone's BertConfig."""
+    b = bert_config
+    return Dims(b.num_hidden_layers, b.hidden_size, b.num_attention_heads, b.intermediate_size, b.vocab_size,
+                b.max_position_embeddings, rmt_config.num_mem_tokens, rmt_config.input_size,
+                rmt_config.num_labels, fused_act)
 
 
 def bert_base(layers: int = 12, fused_act: bool = False) -> Dims:
@@ -148,15 +159,16 @@ def step_seconds(d: Dims, batch: int, dtype: str, dev: DeviceSpec, graphs: Optio
     return sum(op_seconds(op, dev, dtype, graphs) for op in op_list(d, batch, dtype))
 
 
-def memory_parts(d: Dims, batch: int, dtype: str, cuda: bool) -> Dict[str, int]:
-    """Device bytes the Engine holds at ``batch`` slots (the static CUDA loop's buffers where ``cuda``)."""
+def memory_parts(d: Dims, batch: int, dtype: str, cuda: bool, graphs: Optional[bool] = None) -> Dict[str, int]:
+    """Device bytes the Engine holds at ``batch`` slots (the static CUDA loop's buffers where ``cuda``;
+    ``graphs``, default ``cuda``: the steps are replayed from CUDA graphs, whose pool is counted)."""
     e, B, T, H, F, M = DTYPE_BYTES[dtype], batch, d.input_size, d.hidden, d.ffn, d.mem
     # float32 (plan.py): word embeddings of the vocabulary plus the M memory tokens RMT appends, positions,
     # token type 0, the embedding LayerNorm and the initial memory.
     tables = 4 * ((d.vocab + M) * H + d.positions * H + H + 2 * H + M * H)
     layer = e * (3 * H * H + 3 * H + H * H + H + 2 * H + F * H + F + H * F + H + 2 * H)
     heads = e * (H * H + H + d.labels * H + d.labels)                          # pooler, classifier
-    C = max(8, min(STEPS_PER_CHUNK, 512 // B))                                 # runner.steps_per_chunk
+    C = steps_per_chunk(B)
     per_slot = {"memory state": 4 * B * M * H,
                 "result rows": 4 * (RING * C * B + 1) * d.labels}
     if cuda:
@@ -174,26 +186,37 @@ def memory_parts(d: Dims, batch: int, dtype: str, cuda: bool) -> Dict[str, int]:
              "gathered memory": 4 * B * M * H, "activations": e * B * max(middle, last)}
     if cuda:
         parts["graph warm-up copies"] = per_slot["memory state"] + per_slot["result rows"] + 8   # + the cursor
+        if cuda if graphs is None else graphs:
+            # The captured steps' intermediates live in the graphs' private pool, on top of the eager
+            # warm-up's, which the caching allocator keeps reserved; every width shares one pool.
+            parts["graph pool"] = parts["gathered memory"] + parts["activations"]
         parts["cuBLAS workspace"] = CUBLAS_WORKSPACE_BYTES
         parts["CUDA context"] = CUDA_CONTEXT_BYTES
     return parts
 
 
-def peak_bytes(d: Dims, batch: int, dtype: str, cuda: bool) -> int:
-    return sum(memory_parts(d, batch, dtype, cuda).values())
+def peak_bytes(d: Dims, batch: int, dtype: str, cuda: bool, graphs: Optional[bool] = None) -> int:
+    return sum(memory_parts(d, batch, dtype, cuda, graphs).values())
 
 
-def max_batch(d: Dims, dtype: str, cuda: bool, budget: int, limit: int = 1 << 16) -> int:
-    """The largest batch whose peak fits ``budget`` bytes (0 if not even one slot); peak grows with batch."""
-    if peak_bytes(d, 1, dtype, cuda) > budget:
+def max_batch(d: Dims, dtype: str, cuda: bool, budget: int, limit: int = 1 << 16,
+              graphs: Optional[bool] = None) -> int:
+    """The largest batch (<= ``limit``) whose peak fits ``budget`` bytes, 0 if not even one slot does.
+
+    A bisection: the peak grows with the batch (a slot's activations outweigh the few ring rows that
+    ``steps_per_chunk``'s rounding saves; tests/test_memory_model.py checks this for bert-base)."""
+    def fits(b: int) -> bool:
+        return peak_bytes(d, b, dtype, cuda, graphs) <= budget
+
+    if not fits(1):
         return 0
     lo, hi = 1, 2
-    while hi <= limit and peak_bytes(d, hi, dtype, cuda) <= budget:
+    while hi <= limit and fits(hi):
         lo, hi = hi, hi * 2
     hi = min(hi, limit + 1)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if peak_bytes(d, mid, dtype, cuda) <= budget else (lo, mid)
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
 
 
@@ -211,12 +234,12 @@ def predict(d: Dims, dev: DeviceSpec, batch: int, dtype: str, segments: int = 40
     cuda = dev.kind == "cuda"
     graphs = cuda if graphs is None else graphs
     step = step_seconds(d, batch, dtype, dev, graphs)
-    parts = memory_parts(d, batch, dtype, cuda)
+    parts = memory_parts(d, batch, dtype, cuda, graphs)
     budget = dev.memory_bytes if max_memory is None else max_memory
     return {"device": dev.name, "dtype": dtype, "batch": batch, "segments": segments, "graphs": graphs,
             "ms_per_step": 1e3 * step, "ms_per_segment": 1e3 * step / batch,
             "seconds_total": step * segments, "peak_bytes": sum(parts.values()), "memory_parts": parts,
-            "max_memory": budget, "max_batch": max_batch(d, dtype, cuda, budget),
+            "max_memory": budget, "max_batch": max_batch(d, dtype, cuda, budget, graphs=graphs),
             "flops_per_step": sum(op.flops for op in op_list(d, batch, dtype)), "predicted": True,
             "assumptions": None if dev.measured else {"efficiency": GPU_EFFICIENCY, "context_bytes":
                                                       CUDA_CONTEXT_BYTES if cuda else 0}}
