@@ -65,6 +65,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 GEMMs on the CPU (weights per channel, activations per token; docs/ARCHITECTURE.md)")
     p.add_argument("--attention", default="auto")
+    p.add_argument("--max-memory", help="device memory budget, e.g. 10GiB: the Engine's slots are what it holds "
+                                         "(recorded in bench.json as max_slots)")
     p.add_argument("--out", default="bench-results", help="folder for bench.json and the plots")
     p.add_argument("--no-plot", action="store_true", help="skip the plots (they need matplotlib)")
     p.add_argument("--no-progress", action="store_true")
@@ -108,7 +110,9 @@ def run(args) -> int:
     model = _load(args)
     cfg = model.config
     engine = Engine(model, device=args.device, dtype=args.dtype, attention=args.attention,
-                    quantize=args.quantize)
+                    quantize=args.quantize, max_memory=args.max_memory)
+    if engine.max_slots is not None:
+        print(f"--max-memory {args.max_memory}: the Engine holds {engine.max_slots} slots", flush=True)
     device = engine.device
     compared = [systems.EngineSystem(engine)] + [systems.BaselineSystem(n, model, device, engine.dtype)
                                                  for n in args.baselines]
@@ -138,6 +142,7 @@ def run(args) -> int:
     title = f"rmt_fast, {name} ({models.describe(model)}), {str(engine.dtype).replace('torch.', '')}, {device}"
     document = {"meta": report.header({"model": name, "model_shape": models.describe(model),
                                        "dtype": str(engine.dtype), "quantize": args.quantize, "attention": args.attention,
+                                       "max_memory": args.max_memory, "max_slots": engine.max_slots,
                                        "budget_s": args.budget_s, "seed": args.seed}, device, command_line(args))}
     timeline = None
     try:

@@ -168,3 +168,15 @@ def test_an_interrupted_run_keeps_the_points_already_finished(tiny_dir, tmp_path
                  "--out", str(out)]) == 130
     rows = json.loads((out / "bench.json").read_text())["rows"]
     assert [(r["system"], r["segments"]) for r in rows] == [("engine", 1), ("reference", 1), ("tuned", 1)]
+
+
+def test_max_memory_records_the_slots_the_budget_holds(tiny_dir, tmp_path, capsys):
+    """--max-memory: the Engine's slot count from the memory model, printed and in bench.json."""
+    from rmt_fast.perfmodel import estimate
+    path, model = tiny_dir
+    dims = estimate.dims_of(model.config, model.model.config)
+    budget = estimate.peak_bytes(dims, 3, "float32", False)            # exactly three slots' peak
+    doc, printed = _bench(["--model", str(path), "--segments", "1", "--batch-sizes", "2", "--baselines", "none",
+                           "--max-memory", str(budget)], tmp_path, capsys)
+    assert doc["meta"]["max_slots"] == 3 and doc["meta"]["max_memory"] == str(budget)
+    assert "holds 3 slots" in printed
