@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from rmt_fast import files
+
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATION = ("<!-- plan-validation:begin -->", "<!-- plan-validation:end -->")
 PREDICTED = ("<!-- plan-predicted:begin -->", "<!-- plan-predicted:end -->")
@@ -100,12 +102,7 @@ def write_docs(rows, cpu, gpus, path: Path = ROOT / "docs" / "PERF.md") -> None:
     text = path.read_text(encoding="utf-8")
     text = _replace(text, PREDICTED, "\n".join(p))
     text = _replace(text, VALIDATION, "\n".join(v))
-    tmp = path.with_suffix(".md.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    files.write_text(path, text)       # atomic: temp, fsync, rename
 
 
 def main(argv=None) -> int:

@@ -31,11 +31,13 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from rmt_fast import files
+
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 HEAD_DIMS = (32, 64, 128)
 TARGETS = (61, 75, 80, 86, 89, 90)
-TK = 522               # the engine's block: 512 positions + memory; Tk % 64 != 0, so the masked tail exists
+TK = 522               # an uneven key length (Tk % 64 != 0: an input_size off the block grid) for the tail variant
 TQ_SUBSET = 11         # the last layer's read rows: [CLS] + 10 memory
 BEGIN, END = "<!-- kernel-report:begin -->", "<!-- kernel-report:end -->"
 _POINTERS = ("Q", "K", "V", "KL", "Out")
@@ -185,7 +187,7 @@ def cu_report(targets) -> list:
                                  "nvcc (CUDA 13 dropped it); none installed" % cc if cc < 75 else "absent: no nvcc"))
                 continue
             with tempfile.TemporaryDirectory() as d:
-                cmd = [nvccs[major], "-c", src, "-o", os.path.join(d, "k.o"), "-std=c++20", "-O3",
+                cmd = [nvccs[major], "-c", src, "-o", os.path.join(d, "k.o"), "-std=c++17", "-O3",
                        "-Xcompiler", "-fPIC", f"-gencode=arch=compute_{cc},code=sm_{cc}", "-Xptxas", "-v",
                        "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-DRMT_FAST_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C",
                        "-DTORCH_API_INCLUDE_EXTENSION_H", *COMMON_NVCC_FLAGS,
@@ -253,12 +255,7 @@ def write_docs(section: str, path: Path = ROOT / "docs" / "KERNELS.md") -> None:
         text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
     else:
         text = text.rstrip() + "\n\n## Compiled for every target (generated)\n\n" + section + "\n"
-    tmp = path.with_suffix(".md.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    files.write_text(path, text)       # atomic: temp, fsync, rename
 
 
 def main(argv=None) -> int:

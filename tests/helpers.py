@@ -30,6 +30,19 @@ def tiny_model(num_mem_tokens=3, input_size=24, **rmt_kwargs):
                       sep_token_id=2, pad_token_id=0, **rmt_kwargs)
 
 
+WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away", ".", ","]
+
+
+def save_model_with_vocab(directory, **rmt_kwargs):
+    """A tiny model saved with a WordPiece vocabulary of WORDS, as the CLI loads it: (model, directory)."""
+    model = tiny_model(label_names=("a", "b", "c", "d", "e", "f"), **rmt_kwargs)
+    model.save_pretrained(directory)
+    vocab = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"] + WORDS
+    vocab += [f"w{i}" for i in range(model.config.vocab_size - len(vocab))]
+    (Path(directory) / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return model, Path(directory)
+
+
 def random_docs(lengths, vocab_size, low=103):
     """Documents of ordinary ids (no special ids) of the given lengths."""
     return [torch.randint(low, vocab_size, (n,)) for n in lengths]

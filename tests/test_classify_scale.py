@@ -11,25 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tiny_model
+from helpers import WORDS, save_model_with_vocab
 from rmt_fast import Engine
 from rmt_fast.cli import main
 from rmt_fast.model import RMTForSequenceClassification
 from rmt_fast.tokenize import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away", ".", ","]
 
 
 @pytest.fixture
 def model_dir(tmp_path):
-    model = tiny_model(label_names=("a", "b", "c", "d", "e", "f"))
-    d = tmp_path / "model"
-    model.save_pretrained(d)
-    vocab = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"] + WORDS
-    vocab += [f"w{i}" for i in range(model.config.vocab_size - len(vocab))]
-    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    return d
+    return save_model_with_vocab(tmp_path / "model")[1]
 
 
 def _corpus(tmp_path, lengths, missing_at=()):

@@ -6,23 +6,16 @@ import sys
 import pytest
 import torch
 
-from helpers import tiny_model
+from helpers import WORDS, save_model_with_vocab
 from rmt_fast import Engine
 from rmt_fast.cli import build_parser, main
 from rmt_fast.tokenize import load_tokenizer
 
-WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away", ".", ","]
 
 
 @pytest.fixture
 def model_dir(tmp_path):
-    model = tiny_model(label_names=("a", "b", "c", "d", "e", "f"))
-    d = tmp_path / "model"
-    model.save_pretrained(d)
-    vocab = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"] + WORDS
-    vocab += [f"w{i}" for i in range(model.config.vocab_size - len(vocab))]
-    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    return model, d
+    return save_model_with_vocab(tmp_path / "model")
 
 
 def test_classify_reports_bad_files_and_keeps_good_results(model_dir, tmp_path, capsys):
