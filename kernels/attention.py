@@ -255,7 +255,6 @@ def _default_config(tq: int, bh: int, head_dim: int, device: Optional[torch.devi
     if not uses_tensor_cores(dtype, capability):
         block_m, block_n, num_stages = 16, (32 if head_dim <= 64 else 16), 2
     elem = torch.tensor([], dtype=dtype).element_size()
-    budget = TENSOR_CORE_TILE_REGS if uses_tensor_cores(dtype, capability) else FMA_TILE_REGS
     limit = target_limits(capability).smem_per_block
     while shared_memory_estimate(block_m, block_n, num_stages, head_dim, elem) > limit and num_stages > 1:
         num_stages -= 1

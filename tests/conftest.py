@@ -2,6 +2,7 @@
 
 TRITON_INTERPRET must be set before anything imports triton, hence here, at collection time.
 """
+import faulthandler
 import os
 import random
 import zlib
@@ -51,3 +52,19 @@ def pytest_runtest_makereport(item, call):
         if seed is not None:
             report.sections.append(("seed", f"seed {seed} (from the test id; RMT_FAST_TEST_SEED={SEED_SALT})"))
     return report
+
+
+@pytest.fixture
+def watchdog():
+    """A test that could hang (threads, pipes, signals) dumps every thread's stack and exits after 180 s."""
+    faulthandler.dump_traceback_later(180, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture(scope="module")
+def bert_tokenizer():
+    """bert-base-cased's WordPiece tokenizer, from the vocabulary shipped in rmt_fast/data."""
+    from pathlib import Path
+    from rmt_fast.tokenize import load_tokenizer
+    return load_tokenizer(Path(__file__).resolve().parents[1] / "rmt_fast" / "data" / "bert-base-cased")

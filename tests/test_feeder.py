@@ -3,7 +3,6 @@
 Every test runs under a watchdog (faulthandler): a hang fails the run with every thread's stack
 instead of blocking it.
 """
-import faulthandler
 import gzip
 import io
 import threading
@@ -22,23 +21,18 @@ from rmt_fast.engine.sources import DocumentError, IdsSource, TextSource
 from rmt_fast.engine.steprows import BUSY, DEST, KEY_LEN, RESET, SLOT
 from rmt_fast.text import stream_chunks
 from lpt_schedule import make_schedule
-from rmt_fast.tokenize import load_tokenizer, tokenize_long
+from rmt_fast.tokenize import tokenize_long
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = ROOT / "rmt_fast" / "data" / "bert-base-cased"
-WATCHDOG_S = 120
 
 
-@pytest.fixture(autouse=True)
-def _watchdog():
-    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+pytestmark = pytest.mark.usefixtures("watchdog")
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(TOKENIZER_DIR)
+def tokenizer(bert_tokenizer):
+    return bert_tokenizer
 
 
 @pytest.fixture(scope="module")

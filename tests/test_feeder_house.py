@@ -1,6 +1,5 @@
 """The host side after the split (text.py, engine/sources.py, schedule.py, feeder.py): results as they
 complete, failures that keep results, cut rules, bounded memory, options and the environment registry."""
-import faulthandler
 import os
 import re
 import signal
@@ -19,22 +18,18 @@ from rmt_fast.cli import main
 from rmt_fast.engine import RunOptions
 from rmt_fast.envvars import ENV_VARS
 from rmt_fast.text import collapse_long_words, stream_chunks, text_chunks
-from rmt_fast.tokenize import load_tokenizer, tokenize_long
+from rmt_fast.tokenize import tokenize_long
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = ROOT / "rmt_fast" / "data" / "bert-base-cased"
 
 
-@pytest.fixture(autouse=True)
-def _watchdog():
-    faulthandler.dump_traceback_later(180, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+pytestmark = pytest.mark.usefixtures("watchdog")
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(TOKENIZER_DIR)
+def tokenizer(bert_tokenizer):
+    return bert_tokenizer
 
 
 @pytest.fixture(scope="module")

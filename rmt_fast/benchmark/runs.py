@@ -2,7 +2,6 @@
 points (equal-length documents at each length and batch size), the mixed workload, the memory timeline."""
 from __future__ import annotations
 
-import time
 from typing import Callable, Dict, List, Optional
 
 import torch

@@ -5,7 +5,6 @@ Engine's op list and buffers into time and memory. Every figure is a prediction 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
