@@ -40,6 +40,33 @@ def test_engine_per_segment_logits_match_the_oracle_at_every_segment(alignment):
     assert engine.classify([], per_segment=True) == []
 
 
+def test_engine_per_segment_over_more_chunks_than_the_ring_holds():
+    """64 slots run 8 steps a chunk: ~30 steps pass through the chunk ring (chunking.RING buffers, reused)
+    while documents of 1-6 segments turn the slots over; each document alone fits one chunk."""
+    model = tiny_model()
+    lengths = torch.randint(1, 6 * S, (600,)).tolist()
+    docs = random_docs(lengths, 60, low=3)
+    engine = Engine(model)
+    got = engine.classify(docs, batch_size=64, per_segment=True)
+    assert [len(x) for x in got] == [-(-n // S) for n in lengths]
+    for d in torch.randperm(len(docs))[:6].tolist():
+        alone = engine.classify([docs[d]], batch_size=1, per_segment=True)[0]
+        assert (got[d] - alone).abs().max() < 1e-5, d
+
+
+def test_engine_per_segment_runs_the_compact_loop_where_the_static_loop_is_the_default():
+    """The static loop (CUDA's, settable on the CPU) keeps no per-segment rows: per_segment runs compact."""
+    model = tiny_model()
+    docs = random_docs([S + 3, 3 * S, 7], 60, low=3)
+    engine = Engine(model)
+    want = engine.classify(docs, per_segment=True)
+    engine.static_loop = True
+    got = engine.classify(docs, per_segment=True)
+    assert [x.shape for x in got] == [x.shape for x in want]
+    assert all((g - w).abs().max() < 1e-5 for g, w in zip(got, want))
+    assert (engine.classify(docs) - torch.stack([w[-1] for w in want])).abs().max() < 1e-5
+
+
 def test_engine_per_segment_rejects_a_non_bool():
     with pytest.raises(ValueError, match="per_segment"):
         Engine(tiny_model()).classify([torch.arange(3, 9)], per_segment=1)
