@@ -13,17 +13,14 @@ The constructor, ``forward``'s signature and outputs (``loss``, ``loss_i``, ``hi
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Optional
 
 import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from . import segmentation
 from .config import RMTConfig
 from .engine import Engine
-from .inputs import as_documents
 from .model import RMTForSequenceClassification, classification_loss
 
 # The reference's constructor arguments that change nothing here (its run scripts pass some of them).
@@ -86,9 +83,8 @@ class RMTEncoderForSequenceClassification(RMTForSequenceClassification):
                         output_hidden_states=None) -> Optional[torch.dtype]:
         """The dtype the Engine would run this call in, or None when only the plain path gives the
         reference's answer: in train mode, when autograd is on and a parameter requires grad, when
-        hidden states or attentions are asked for, when labels need per-segment losses of more than
-        one segment (the Engine gives each document's last logits only), or in a dtype the Engine
-        does not run in (float64; float16 on the CPU)."""
+        hidden states or attentions are asked for, or in a dtype the Engine does not run in (float64;
+        float16 on the CPU). With labels the Engine gives every segment's logits (``per_segment``)."""
         if self.training or output_attentions or output_hidden_states:
             return None
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
@@ -99,14 +95,7 @@ class RMTEncoderForSequenceClassification(RMTForSequenceClassification):
             dtype = torch.get_autocast_dtype(param.device.type)
         if dtype not in _ENGINE_DTYPES.get(param.device.type, ()):
             return None
-        if labels is not None and not self._last_segment_only and self._steps(input_ids) > 1:
-            return None
         return dtype
-
-    def _steps(self, input_ids) -> int:
-        cfg = self.config
-        lengths = segmentation.clean_and_truncate(as_documents(input_ids, cfg), cfg).lengths
-        return math.ceil(int(lengths.max()) / cfg.segment_size) if len(lengths) else 0
 
     def _fast(self, dtype: torch.dtype) -> Engine:
         device = self.mem_token_ids.device
@@ -135,16 +124,25 @@ class RMTEncoderForSequenceClassification(RMTForSequenceClassification):
 
     def _engine_forward(self, input_ids, labels, dtype: torch.dtype) -> SequenceClassifierOutput:
         docs = list(input_ids)
+        per_segment = labels is not None and not self._last_segment_only
         with warnings.catch_warnings():   # truncation past max_n_segments is the reference's rule, silently
             warnings.filterwarnings("ignore", message=".*exceed max_n_segments")
-            logits = self._fast(dtype).classify(docs, batch_size=max(1, len(docs)))   # [B, C], inference tensor
-        # copy=True: an ordinary tensor even when device and dtype already match.
-        logits = logits.to(device=self.mem_token_ids.device, dtype=dtype, copy=True)
-        loss = None if labels is None else classification_loss(self.model.config, logits, labels)
+            # [B, C], or per document [n_segments_d, C]; inference tensors
+            got = self._fast(dtype).classify(docs, batch_size=max(1, len(docs)), per_segment=per_segment)
+        device = self.mem_token_ids.device
+        if per_segment:   # copy=True: ordinary tensors even when device and dtype already match
+            per_doc = [x.to(device=device, dtype=dtype, copy=True) for x in got]
+            losses = _step_losses(self.model.config, per_doc, labels)
+            logits = torch.stack([x[-1] for x in per_doc])                        # [B, C]
+            loss = torch.stack(losses).mean() if self.config.sum_loss else losses[-1]
+        else:
+            logits = got.to(device=device, dtype=dtype, copy=True)
+            loss = None if labels is None else classification_loss(self.model.config, logits, labels)
+            losses = [] if loss is None else [loss]   # one step's, or only the last is kept (CPU offload)
         out = SequenceClassifierOutput(loss=loss, logits=logits)
         out["hidden_states"] = None   # the reference's key, emptied when not asked for
-        if loss is not None:
-            out["loss_0"] = loss       # one segment ran, or only the last is kept (RMTEncoderCPUOffload)
+        for i, step_loss in enumerate(losses):
+            out[f"loss_{i}"] = step_loss
         return out
 
     def _plain(self, input_ids, labels, output_attentions: bool, output_hidden_states: bool):
@@ -165,6 +163,23 @@ class RMTEncoderForSequenceClassification(RMTForSequenceClassification):
             if output_attentions:
                 out[f"attentions_{i}"] = r.segment_attentions[i]
         return out
+
+
+def _step_losses(backbone_config, per_doc, labels):
+    """The reference's loss per step, first to last: documents are right-aligned, so with N the most
+    segments, document d (n_d segments) runs at steps N-n_d..N-1; step i's loss covers the documents
+    there, in input order. per_doc: per document its logits [n_d, C] after each segment."""
+    if len(labels) != len(per_doc):
+        raise ValueError(f"{len(labels)} labels for {len(per_doc)} documents")
+    counts = [len(x) for x in per_doc]
+    n_steps = max(counts)
+    labels = labels.to(per_doc[0].device)
+    losses = []
+    for step in range(n_steps):
+        present = [d for d, n in enumerate(counts) if n >= n_steps - step]
+        logits = torch.stack([per_doc[d][step - (n_steps - counts[d])] for d in present])    # [n, C]
+        losses.append(classification_loss(backbone_config, logits, labels[present]))
+    return losses
 
 
 class RMTEncoderCPUOffload(RMTEncoderForSequenceClassification):

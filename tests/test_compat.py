@@ -103,7 +103,7 @@ def test_problem_type_follows_hugging_face(kind, lengths):
         out = model(ids, labels=labels)
         want = reference_forward_of(model, ids, labels, backbone=reference_backbone)
     assert model.model.config.problem_type == reference_backbone.config.problem_type == kind
-    assert (model._engine is not None) == (max(lengths) <= 18)   # one segment: the Engine, loss from its logits
+    assert model._engine is not None                  # the Engine answered, per segment when several
     assert out.logits.shape == (B, num_labels)
     for k in ["loss"] + [k for k in want if k.startswith("loss_")]:
         assert close(out[k], want[k]), k

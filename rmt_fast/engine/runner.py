@@ -238,7 +238,7 @@ class Engine:
     @_public_call
     @torch.inference_mode()
     def classify(self, docs: Sequence, batch_size: Optional[int] = None, empty: str = "error",
-                 progress: bool = False) -> torch.Tensor:
+                 progress: bool = False, per_segment: bool = False):
         """Logits [len(docs), num_labels] float32 (on the CPU), in input order.
 
         docs: 1-D integer id sequences of any lengths (tensors, numpy arrays or lists); special ids
@@ -248,7 +248,12 @@ class Engine:
         empty: what a document with no tokens left gets: 'error' (default; nothing is computed and
         InvalidDocumentsError names every such document) or 'special' (one segment holding only
         [CLS], memory and two [SEP], i.e. the model's answer to an empty text).
+        per_segment: instead, per document its logits after every segment, first to last: a list of
+        [n_segments_d, num_labels] float32 (CPU); the last row is what the default returns. Runs the
+        compact loop (on CUDA too: the static loop's graphs keep no per-segment rows).
         """
+        if not isinstance(per_segment, bool):
+            raise ValueError(f"per_segment must be True or False, got {per_segment!r}")
         batch_size = self._batch(batch_size)
         self._check_options(batch_size, empty)
         cfg = self.config
@@ -264,9 +269,13 @@ class Engine:
         segs = segmentation.cut(documents, cfg, empty_as_one_segment=True)
         D = len(documents)
         if D == 0:
-            return torch.zeros(0, cfg.num_labels)
+            return [] if per_segment else torch.zeros(0, cfg.num_labels)
         source = IdsSource(documents, segs)
-        got = self._run(source, min(batch_size, D), empty, "raise", progress, total=len(segs))
+        rows: Optional[list] = [] if per_segment else None
+        got = self._run(source, min(batch_size, D), empty, "raise", progress, total=len(segs),
+                        segment_logits=rows)
+        if per_segment:
+            return _by_document(rows, D)
         return torch.stack([got[d] for d in range(D)])
 
     @_public_call
@@ -476,7 +485,8 @@ class Engine:
 
     def _run(self, source, slots: int, empty: str, on_error: str, progress: bool, total: Optional[int],
              on_done: Optional[Callable] = None, start_memory: Optional[torch.Tensor] = None,
-             final_memory: Optional[torch.Tensor] = None) -> Dict[int, torch.Tensor]:
+             final_memory: Optional[torch.Tensor] = None,
+             segment_logits: Optional[list] = None) -> Dict[int, torch.Tensor]:
         """Run every document of ``source``; logits [num_labels] (CPU) by document index.
 
         on_done(index, logits, error) is called for each document as soon as its logits are on the
@@ -485,12 +495,14 @@ class Engine:
         instead of the initial memory. final_memory: [n_docs + 1, M, H] float32 on the device, row d
         written with document d's memory after its last segment (the extra row is a sink). Either runs
         the compact loop (memory_state.py's read/ask: the static loop's graphs hold no such inputs).
+        segment_logits: a list that gets, per step, (its rows' documents [n], their logits [n, num_labels])
+        on the device; also runs the compact loop.
         """
         cfg, plan, dev = self.config, self.plan, self.device
         C = steps_per_chunk(slots)
         layout = ChunkLayout(source, cfg, slots, C, RING, empty=empty, on_error=on_error)
         cuda = dev.type == "cuda"
-        per_doc = start_memory is not None or final_memory is not None
+        per_doc = start_memory is not None or final_memory is not None or segment_logits is not None
         if self.static_loop and not per_doc:
             runner = self._runner(slots)
             results, ring = runner.results, runner.ring
@@ -534,7 +546,7 @@ class Engine:
                         else:
                             n = chunk.n_busy[c]
                             self._compact_step(state, results, ids[c, :n], meta[c, :, :n], chunk.masked[c],
-                                               start_memory, final_memory, layout.sink)
+                                               start_memory, final_memory, layout.sink, segment_logits)
                         if not cuda:                     # on the host already: out at once
                             for d, row in by_step.get(c, ()):
                                 finish(d, results[row].clone())
@@ -562,9 +574,9 @@ class Engine:
         return got
 
     def _compact_step(self, state, results, ids, meta, masked: bool, start_memory=None, final_memory=None,
-                      sink: int = -1) -> None:
+                      sink: int = -1, segment_logits: Optional[list] = None) -> None:
         """One step of the busy rows only (the CPU loop). ids: [n, T], meta: [FIELDS, n] int64 (steprows.py).
-        start_memory, final_memory: per document, as in ``_run``; sink: the result row of no document."""
+        start_memory, final_memory, segment_logits: as in ``_run``; sink: the result row of no document."""
         plan = self.plan
         slot = meta[SLOT]                                                          # [n]
         start = (meta[RESET] != 0)[:, None, None]                                  # [n, 1, 1]
@@ -573,9 +585,20 @@ class Engine:
         logits, new_mem = plan.step(ids, memory, meta[KEY_LEN] if masked else None)
         _ext.memory_write(state, new_mem, 0, slot)
         results.index_copy_(0, meta[DEST], logits)
+        if segment_logits is not None:    # meta is a ring buffer the feeder reuses: keep a copy
+            segment_logits.append((meta[DOC].clone(), logits))
         if final_memory is not None:      # a document's last segment: DEST is its result row, not the sink
             row = torch.where(meta[DEST] != sink, meta[DOC], final_memory.shape[0] - 1)
             final_memory.index_copy_(0, row, new_mem.float())
+
+
+def _by_document(rows: List[Tuple[torch.Tensor, torch.Tensor]], n_docs: int) -> List[torch.Tensor]:
+    """Per-step (documents [n], logits [n, C]) -> per document its logits [n_segments_d, C] (CPU), in
+    step order: a document's segments run in order, and a stable sort keeps that order."""
+    docs = torch.cat([d for d, _ in rows]).cpu()                                  # [S]
+    logits = torch.cat([x for _, x in rows]).cpu()                                # [S, C]
+    order = torch.sort(docs, stable=True).indices
+    return list(logits[order].split(torch.bincount(docs, minlength=n_docs).tolist()))
 
 
 OnResult = Callable[[int, torch.Tensor, Optional[str]], None]
