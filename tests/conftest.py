@@ -63,8 +63,8 @@ def watchdog():
 
 
 @pytest.fixture(scope="module")
-def bert_tokenizer():
+def tokenizer():
     """bert-base-cased's WordPiece tokenizer, from the vocabulary shipped in rmt_fast/data."""
-    from pathlib import Path
+    from helpers import ASSETS
     from rmt_fast.tokenize import load_tokenizer
-    return load_tokenizer(Path(__file__).resolve().parents[1] / "rmt_fast" / "data" / "bert-base-cased")
+    return load_tokenizer(ASSETS)

@@ -4,7 +4,6 @@ Each thread runs its own mix of ``classify`` (different documents and batch size
 calls, all started together, several times over; every result must equal the same call made alone.
 """
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +11,7 @@ from transformers import BertConfig
 
 from helpers import make_model, random_docs
 from rmt_fast import Engine
-from rmt_fast.tokenize import load_tokenizer
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "rmt_fast" / "data" / "bert-base-cased"
 THREADS, REPEATS = 3, 4
 WORDS = "the memory carries what each segment read before and the classifier reads it at the end".split()
 
@@ -25,11 +22,6 @@ def text_model():
     bc = BertConfig(vocab_size=28996, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                     intermediate_size=64, max_position_embeddings=64, initializer_range=0.2)
     return make_model(bc, num_mem_tokens=4, input_size=40)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(TOKENIZER_DIR)
 
 
 def _calls(model, tokenizer):

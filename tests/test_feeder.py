@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import BertConfig
 
-from helpers import make_model, oracle, random_docs
+from helpers import ASSETS, make_model, oracle, random_docs
 from rmt_fast import Engine, RMTConfig, segmentation
 from rmt_fast.engine.feeder import Feeder
 from rmt_fast.engine.schedule import ChunkLayout
@@ -24,15 +24,10 @@ from lpt_schedule import make_schedule
 from rmt_fast.tokenize import tokenize_long
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = ROOT / "rmt_fast" / "data" / "bert-base-cased"
+TOKENIZER_DIR = ASSETS   # bert-base-cased's vocabulary and config
 
 
 pytestmark = pytest.mark.usefixtures("watchdog")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(bert_tokenizer):
-    return bert_tokenizer
 
 
 @pytest.fixture(scope="module")

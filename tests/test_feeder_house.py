@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import BertConfig
 
-from helpers import make_model
+from helpers import ASSETS, make_model
 from rmt_fast import Engine, SourcesError
 from rmt_fast.bench import PeakMemory
 from rmt_fast.cli import main
@@ -21,15 +21,10 @@ from rmt_fast.text import collapse_long_words, stream_chunks, text_chunks
 from rmt_fast.tokenize import tokenize_long
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = ROOT / "rmt_fast" / "data" / "bert-base-cased"
+TOKENIZER_DIR = ASSETS   # bert-base-cased's vocabulary and config
 
 
 pytestmark = pytest.mark.usefixtures("watchdog")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(bert_tokenizer):
-    return bert_tokenizer
 
 
 @pytest.fixture(scope="module")
