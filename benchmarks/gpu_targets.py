@@ -1,4 +1,4 @@
-"""Issue 12's targets on the H200 (bfloat16), judged from a GPU check's results: one line each.
+"""Issue 12's targets on the H200 (bfloat16), and issue 16's on the emulated 1080 Ti, judged from a GPU check's results: one line each.
 
 Every target reads MET, NOT MET with the measured figure, or NOT MEASURED with what is missing, so an
 unfinished run never reads as a pass. Standard library only (the driver runs before any install).
@@ -88,8 +88,28 @@ def vram_targets(results: dict) -> list:
     return lines
 
 
+def pascal_targets(results: dict) -> list:
+    """Issue 16 on the emulated 1080 Ti: the max_memory choice fits, and the fp32 B=1 peak beside the report's."""
+    d = _data(results, "pascal_budget")
+    lines = []
+    peak = d.get("b1_peak_absolute_mib")
+    if peak:
+        lines.append(f"MEASURED fp32 B=1 peak over {d['segments']} segments, sm_61 dispatch ({d['attention_sm61']}): "
+                     f"allocated {peak['allocated']:.0f} MiB, reserved {peak['reserved']:.0f} MiB (computed "
+                     f"{d['estimate_b1_mib']:.0f} MiB; the report's base model: 3.6 GB); {d['seconds']:.1f} s")
+    else:
+        lines.append("NOT MEASURED fp32 B=1 peak at 4,096 segments under the 11 GiB cap")
+    if "fits" in d:
+        got = d["slots_peak_absolute_mib"]
+        lines.append(f"{_verdict(d['fits'])} max_memory=10GiB chose {d['chosen_slots']} slots: reserved "
+                     f"{got['reserved']:.0f} MiB (computed {d['estimate_mib']:.0f} MiB; target <= 10240 MiB)")
+    else:
+        lines.append("NOT MEASURED max_memory=10GiB's slots fit the budget")
+    return lines
+
+
 def lines(results: dict) -> list:
     if results.get("meta", {}).get("dry_run"):
         return ["targets: not judged in a dry run (CPU, tiny sizes)"]
     return ["targets (H200, bfloat16):", *per_segment_targets(results), *attention_target(results),
-            *vram_targets(results)]
+            *vram_targets(results), "targets (GTX 1080 Ti emulated, issue 16):", *pascal_targets(results)]

@@ -57,10 +57,12 @@ def test_dry_run_end_to_end(tmp_path):
     assert [s["name"] for s in steps] == _steps_in_order()
     assert results["meta"]["dry_run"] and results["meta"]["timeouts_sum_s"] < results["meta"]["budget_s"]
     by = {s["name"]: s for s in steps}
-    for name in ("env", "install", "bench", "long_run"):          # what runs on a CPU does run
+    for name in ("env", "install", "bench", "long_run", "pascal_budget"):   # what runs on a CPU does run
         assert by[name]["status"] == "ok", by[name]
     for name in ("ext_ops", "triton", "engine", "driver", "vram", "attention_bench"):
         assert by[name]["status"] == "skipped" and "GPU" in by[name]["note"], by[name]
+    pascal = by["pascal_budget"]["data"]              # the 1080 Ti emulation's arithmetic ran end to end
+    assert pascal["chosen_slots"] >= 1 and pascal["estimate_mib"] <= 64 and pascal["segments"] == 4, pascal
     bench = by["bench"]["data"]["rows"]
     assert {r["case"] for r in bench} == {"reference", "baseline", "engine_eager"}
     assert all(r["ms_per_segment"] > 0 for r in bench)
@@ -174,11 +176,12 @@ def test_fallback_tree_imports_from_the_repository_root(tmp_path):
     assert Path(found["kernels"]).resolve() == (ROOT / "kernels" / "attention.py").resolve(), found
 
 
-def _results(rows=(), attention=(), vram=None, long_run=None):
+def _results(rows=(), attention=(), vram=None, long_run=None, pascal=None):
     steps = [{"name": "bench", "data": {"rows": list(rows)}},
              {"name": "attention_bench", "data": {"rows": list(attention)}},
              {"name": "vram", "data": {"properties": vram or {}}},
-             {"name": "long_run", "data": long_run or {}}]
+             {"name": "long_run", "data": long_run or {}},
+             {"name": "pascal_budget", "data": pascal or {}}]
     return {"meta": {"dry_run": False}, "steps": steps}
 
 
@@ -201,6 +204,15 @@ def test_targets_read_met_not_met_or_not_measured():
     assert "MET     Triton attention B=32" in text
     assert "NOT MET flat VRAM 16 -> 4096 segments: worst growth +2.000 MiB" in text
     assert "MET     peak at B=1" in text
+    assert "NOT MEASURED fp32 B=1 peak" in text and "NOT MEASURED max_memory=10GiB" in text
+
+    pascal = {"segments": 4096, "seconds": 30.0, "attention_sm61": "sdpa", "estimate_b1_mib": 960.0,
+              "b1_peak_absolute_mib": {"allocated": 900.0, "reserved": 1000.0, "device": 1500.0},
+              "chosen_slots": 40, "estimate_mib": 9000.0, "fits": False,
+              "slots_peak_absolute_mib": {"allocated": 9000.0, "reserved": 10300.0, "device": 11000.0}}
+    text = "\n".join(gpu_targets.lines(_results(rows, attention, vram, long_run, pascal)))
+    assert "MEASURED fp32 B=1 peak over 4096 segments, sm_61 dispatch (sdpa): allocated 900 MiB" in text
+    assert "NOT MET max_memory=10GiB chose 40 slots: reserved 10300 MiB" in text
     assert gpu_targets.lines({"meta": {"dry_run": True}, "steps": []})[0].startswith("targets: not judged")
 
 
