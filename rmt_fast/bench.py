@@ -17,7 +17,7 @@ from .benchmark import memory, models, report, runs, systems, workloads
 from .benchmark.memory import PeakMemory, rss_bytes as _rss_bytes  # noqa: F401 - public since issue 2
 from .benchmark.models import DATA  # noqa: F401 - benchmarks/bench_compat.py reads it
 from .benchmark.report import plot_lengths as plot  # noqa: F401 - benchmarks/bench_driver.py draws with it
-from .cli_args import check_output_dir, positive_float, positive_int, positive_int_list
+from .cli_args import check_output_dir, device_name, dtype_name, positive_float, positive_int, positive_int_list
 
 
 def builtin_model(num_layers: int = 12, num_labels: int = 6, shape: str = "bert-base"):
@@ -60,8 +60,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the weights, the documents and the mixed lengths")
     p.add_argument("--timeline", action="store_true", help="also record memory per segment through one run")
     p.add_argument("--timeline-segments", type=positive_int, help="its length (default: the largest --segments)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", type=dtype_name, default="bfloat16")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 GEMMs on the CPU (weights per channel, activations per token; docs/ARCHITECTURE.md)")
     p.add_argument("--attention", default="auto")

@@ -65,6 +65,35 @@ def positive_int_list(text: str) -> List[int]:
     return values
 
 
+DTYPE_NAMES = ("auto", "float32", "fp32", "float", "bfloat16", "bf16", "float16", "fp16", "half")
+
+
+def dtype_name(text: str) -> str:
+    """A --dtype value the Engine takes (checked here so the message names the flag)."""
+    if text.lower() not in DTYPE_NAMES:
+        raise argparse.ArgumentTypeError(f"must be auto, float32, bfloat16 or float16, got {text!r}")
+    return text.lower()
+
+
+dtype_name.__name__ = "dtype"
+
+
+def device_name(text: str) -> str:
+    """cpu, cuda or cuda:N; whether that GPU exists is checked when the Engine is built."""
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+device_name.__name__ = "device"
+
+
+def default_model_dir() -> Path:
+    """The shipped model every command uses when --model is not given."""
+    return Path(__file__).resolve().parent / "data" / "default_model"
+
+
 def check_output_dir(path, flag: str = "--out") -> Path:
     """Create the output folder now and prove a file can be written in it, before any compute.
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 import math
 import time
 
-from .cli_args import nonnegative_int, positive_int
-from .evaluate import default_model_dir
+from .cli_args import default_model_dir, device_name, dtype_name, nonnegative_int, positive_int
 
 
 def add_cli(subparsers) -> None:
@@ -18,8 +17,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--task", default="detect", choices=["memorize", "detect", "reasoning"])
     p.add_argument("--tokens", type=positive_int, default=1_000_000, help="text tokens in the document (about)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="which generated document")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto", help="auto (the device's best, see rmt-fast info), float32, bfloat16 or float16")
+    p.add_argument("--device", type=device_name, default="cpu")
+    p.add_argument("--dtype", type=dtype_name, default="auto", help="auto (the device's best, see rmt-fast info), float32, bfloat16 or float16")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 GEMMs on the CPU (weights per channel, activations per token; docs/ARCHITECTURE.md)")
     p.add_argument("--ask", action="store_true",

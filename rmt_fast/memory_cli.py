@@ -9,19 +9,21 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_args import positive_int
+from .cli_args import default_model_dir, device_name, dtype_name, positive_int
 
 
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser("read", help="read a text file once into a memory state file (for 'ask')")
-    p.add_argument("--model", required=True, help="an rmt_fast model folder, or a reference model_best.pth")
+    p.add_argument("--model", default=str(default_model_dir()),
+                   help="an rmt_fast model folder, or a reference model_best.pth (default: the shipped model)")
     p.add_argument("--backbone-config", help="config.json (or folder) of a reference checkpoint's backbone")
     p.add_argument("--tokenizer", help="tokenizer folder or vocab.txt (default: the model folder's)")
     p.add_argument("--input", required=True, help="a UTF-8 text file")
     p.add_argument("--state", required=True, help="the memory state file to write (e.g. doc.rmtstate)")
     p.add_argument("--append", action="store_true", help="go on reading from the state already in --state")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", type=device_name, default="cpu")
+    p.add_argument("--dtype", type=dtype_name, default="auto",
+                   help="auto (the device's best, see rmt-fast info), float32, bfloat16 or float16; recorded in --state")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_read)
 
@@ -33,7 +35,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--backbone-config", help="config.json (or folder) of a reference checkpoint's backbone")
     p.add_argument("--tokenizer", help="tokenizer folder or vocab.txt (default: the one recorded in --state)")
     p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object per question")
     p.set_defaults(func=run_ask)
 

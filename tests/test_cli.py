@@ -100,8 +100,14 @@ def test_demo_on_the_shipped_model(capsys):
     (["train", "out", "--bptt-depth", "-2"], "--bptt-depth"),
     (["train", "out", "--task", "memorise"], "--task"),
     (["attention-maps", "--model", "m", "--out", "o", "--task-segments", "0"], "--task-segments"),
+    (["demo", "--dtype", "bf17"], "--dtype"),
+    (["demo", "--device", "gpu"], "--device"),
+    (["read", "--input", "x", "--state", "s", "--dtype", "float64"], "--dtype"),
+    (["read", "--input", "x", "--state", "s", "--device", "cuda:x"], "--device"),
+    (["ask", "--state", "s", "--device", "cpu:0"], "--device"),
+    (["bench", "--dtype", "int4"], "--dtype"),
 ])
-def test_numeric_flags_are_checked_at_parse_time(argv, flag, capsys):
+def test_flags_are_checked_at_parse_time(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(argv)  # parsing only: a bad value must never reach a run
     assert e.value.code == 2
@@ -263,3 +269,17 @@ def test_closed_pipe_exits_quietly():
     p.stdout.close()  # the reader has gone before the first line is written
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141 and err == ""
+
+
+def test_dtype_flag_takes_what_the_engine_takes():
+    from rmt_fast.cli_args import DTYPE_NAMES, device_name, dtype_name
+    from rmt_fast.engine.runner import DTYPES
+    assert set(DTYPE_NAMES) == set(DTYPES) | {"auto"}          # one list, checked against the Engine's
+    assert [dtype_name(x) for x in ("BF16", "auto")] == ["bf16", "auto"]
+    assert [device_name(x) for x in ("cpu", "cuda", "cuda:1")] == ["cpu", "cuda", "cuda:1"]
+
+
+def test_read_defaults_to_the_shipped_model():
+    from rmt_fast.cli_args import default_model_dir
+    args = build_parser().parse_args(["read", "--input", "x", "--state", "s"])
+    assert args.model == str(default_model_dir()) and (default_model_dir() / "config.json").is_file()
