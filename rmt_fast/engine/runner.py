@@ -25,7 +25,7 @@ from ..inputs import InvalidDocumentsError, as_documents
 from ..memory_state import MemoryState
 from ..model import RMTForSequenceClassification
 from ..perfmodel import estimate, parse_size
-from . import device_policy, graphs, reading, slot_loop
+from . import device_policy, graphs, reading, run_checkpoints, slot_loop
 from .options import RunOptions
 from .plan import InferencePlan
 from .slot_loop import OnResult
@@ -223,7 +223,9 @@ class Engine:
     @_public_call
     @torch.inference_mode()
     def classify(self, docs: Sequence, batch_size: Optional[int] = None, empty: str = "error",
-                 progress: bool = False, per_segment: bool = False):
+                 progress: bool = False, per_segment: bool = False, *, checkpoint_dir=None,
+                 checkpoint_every: Optional[int] = None, keep_checkpoints: bool = False,
+                 checkpoint_report: Optional[dict] = None):
         """Logits [len(docs), num_labels] float32 (on the CPU), in input order.
 
         docs: 1-D integer id sequences of any lengths (tensors, numpy arrays or lists); special ids
@@ -236,9 +238,16 @@ class Engine:
         per_segment: instead, per document its logits after every segment, first to last: a list of
         [n_segments_d, num_labels] float32 (CPU); the last row is what the default returns. Runs the
         compact loop (on CUDA too: the static loop's graphs keep no per-segment rows).
+        checkpoint_dir, checkpoint_every, keep_checkpoints: resume a long run (see ``RunOptions``;
+        document d's file is ``doc-d.safetensors``). checkpoint_report: a dict the caller passes, filled
+        with the run's counts (``RunCheckpoints.report``: resumed, finished, fresh, segments_skipped, ...).
         """
         if not isinstance(per_segment, bool):
             raise ValueError(f"per_segment must be True or False, got {per_segment!r}")
+        run_checkpoints.check_options(checkpoint_dir, checkpoint_every, keep_checkpoints)
+        if per_segment and checkpoint_dir is not None:
+            raise ValueError("per_segment=True cannot resume from checkpoints (the skipped segments' logits are "
+                             "not kept); leave checkpoint_dir out")
         batch_size = self._batch(batch_size)
         self._check_options(batch_size, empty)
         cfg = self.config
@@ -257,8 +266,10 @@ class Engine:
             return [] if per_segment else torch.zeros(0, cfg.num_labels)
         source = IdsSource(documents, segs)
         rows: Optional[list] = [] if per_segment else None
-        got = self._run(source, min(batch_size, D), empty, "raise", progress, total=len(segs),
-                        segment_logits=rows)
+        checkpoints = self._checkpoints(checkpoint_dir, checkpoint_every, keep_checkpoints)
+        with self._reporting(checkpoints, checkpoint_report):
+            got = self._run(source, min(batch_size, D), empty, "raise", progress, total=len(segs),
+                            segment_logits=rows, checkpoints=checkpoints)
         if per_segment:
             return slot_loop.by_document(rows, D)
         return torch.stack([got[d] for d in range(D)])
@@ -267,13 +278,13 @@ class Engine:
     def classify_texts(self, texts: Sequence[str], tokenizer, batch_size: Optional[int] = None,
                        empty: Optional[str] = None, progress: Optional[bool] = None, *,
                        options: Optional[RunOptions] = None, on_result: Optional[OnResult] = None,
-                       **option_kwargs) -> torch.Tensor:
+                       checkpoint_report: Optional[dict] = None, **option_kwargs) -> torch.Tensor:
         """Tokenize texts on ``workers`` threads, ahead of the compute, and classify them.
 
         Each text is tokenized in chunks of about ``chunk_chars`` characters (the same ids as
         tokenizing it whole); with left alignment a text streams through the slots as it is
         tokenized. A text that cannot be tokenized raises DocumentError naming it. Options and
-        ``on_result`` as in ``classify_stream``.
+        ``on_result``, checkpoints and ``checkpoint_report`` as in ``classify_stream``.
         """
         if isinstance(texts, (str, bytes)):
             raise TypeError("texts must be a list of str, not one str: classify_texts([text], tokenizer)")
@@ -283,7 +294,8 @@ class Engine:
                 raise InvalidDocumentsError({i: f"expected a str, got {type(t).__name__}"})
         opts = RunOptions.merge(options, batch_size=self._batch(batch_size, options), empty=empty,
                                 progress=progress, **option_kwargs)
-        return self._stream(iter([(None, t) for t in texts]), len(texts), tokenizer, opts, None, on_result)
+        return self._stream(iter([(None, t) for t in texts]), len(texts), tokenizer, opts, None, on_result,
+                            report=checkpoint_report)
 
     @_public_call
     def classify_files(self, paths: Iterable, tokenizer, **kwargs) -> torch.Tensor:
@@ -296,6 +308,7 @@ class Engine:
                         empty: Optional[str] = None, progress: Optional[bool] = None, *,
                         options: Optional[RunOptions] = None, names: Optional[Sequence[str]] = None,
                         failures: Optional[Dict[int, str]] = None, on_result: Optional[OnResult] = None,
+                        checkpoint_keys: Optional[Sequence[int]] = None, checkpoint_report: Optional[dict] = None,
                         **option_kwargs) -> torch.Tensor:
         """Logits [n, num_labels] of documents read incrementally, in input order.
 
@@ -317,6 +330,13 @@ class Engine:
         before it are done (logits [num_labels], NaN with error the reason where it failed).
         If the iterable of sources itself raises, the documents before that point are finished
         and a ``SourcesError`` carries their ``results``.
+        checkpoint_dir, checkpoint_every, keep_checkpoints (options): resume a long run: every N segments
+        each document's memory is saved (atomically) in checkpoint_dir, and its logits once finished; a
+        rerun with the same arguments resumes each unfinished document where it was saved and skips the
+        finished ones, with the logits of an uninterrupted run. A file of another model, dtype, alignment,
+        memory size or document, or a damaged one, raises RunCheckpointError naming it. checkpoint_keys:
+        per source the int its file is named by (default its index: a caller that drops answered inputs
+        from a rerun passes their original indices). checkpoint_report: a dict filled with the counts.
         """
         if isinstance(sources, (str, bytes, os.PathLike)) or hasattr(sources, "read"):
             raise TypeError("sources must be an iterable of documents (e.g. a list of paths), not one document")
@@ -330,7 +350,7 @@ class Engine:
                 name = names[i] if names is not None and i < len(names) else (
                     str(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", None) or f"stream {i}")
                 yield name, Path(src) if isinstance(src, str) else src   # a str names a file
-        return self._stream(items(), n, tokenizer, opts, failures, on_result)
+        return self._stream(items(), n, tokenizer, opts, failures, on_result, checkpoint_keys, checkpoint_report)
 
     # -- memory states: read once, ask many (reading.py) ---------------------------------------------
     @_public_call
@@ -362,8 +382,15 @@ class Engine:
 
     @torch.inference_mode()
     def _stream(self, items: Iterator[Tuple[Optional[str], object]], n_items: Optional[int], tokenizer,
-                opts: RunOptions, failures: Optional[Dict[int, str]], on_result: Optional[OnResult]) -> torch.Tensor:
+                opts: RunOptions, failures: Optional[Dict[int, str]], on_result: Optional[OnResult],
+                keys: Optional[Sequence[int]] = None, report: Optional[dict] = None) -> torch.Tensor:
         """Classify (name, source) items; a source that is a str is a text in memory."""
+        checkpoints = self._checkpoints(opts.checkpoint_dir, opts.checkpoint_every, opts.keep_checkpoints, keys)
+        with self._reporting(checkpoints, report):
+            return self._stream_run(items, n_items, tokenizer, opts, failures, on_result, checkpoints)
+
+    def _stream_run(self, items, n_items: Optional[int], tokenizer, opts: RunOptions,
+                    failures: Optional[Dict[int, str]], on_result: Optional[OnResult], checkpoints) -> torch.Tensor:
         if n_items is None:             # no more slots than documents: on CUDA every slot computes
             items, n_items = slot_loop.peek(items, opts.batch_size)
         slots = opts.batch_size if n_items is None else max(1, min(opts.batch_size, n_items))
@@ -382,7 +409,8 @@ class Engine:
             in_order.add(d, logits, err)
 
         try:
-            self._run(source, slots, opts.empty, opts.on_error, opts.progress, total=None, on_done=done)
+            self._run(source, slots, opts.empty, opts.on_error, opts.progress, total=None, on_done=done,
+                      checkpoints=checkpoints)
         except SourcesError as e:      # on_error='raise': what was finished goes with the error
             e.results, e.failures = self._collected(got, failed), {d: f.reason for d, f in failed.items()}
             raise
@@ -459,6 +487,32 @@ class Engine:
                       f"{cfg.max_n_segments} ({limit} tokens) and keep only their head, as the reference does",
                       stacklevel=_user_stacklevel())
 
+    def _checkpoints(self, directory, every: Optional[int], keep: bool,
+                     keys: Optional[Sequence[int]] = None) -> Optional[run_checkpoints.RunCheckpoints]:
+        """This call's checkpoint folder (created now, before any compute), or None."""
+        if directory is None:
+            return None
+        identity = run_checkpoints.identity(self.config, self.plan.hidden, reading.fingerprint(self),
+                                            reading._dtype_name(self))
+        return run_checkpoints.RunCheckpoints(directory, every, keep, identity, keys)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _reporting(checkpoints: Optional[run_checkpoints.RunCheckpoints], report: Optional[dict]):
+        """Around a checkpointed run: the files go when it returns (unless kept; an error keeps them
+        all), and the counts are logged and put into the caller's ``report`` dict either way."""
+        if checkpoints is None:
+            yield
+            return
+        try:
+            yield
+            checkpoints.close()
+        finally:
+            counts = checkpoints.report()
+            log.info("rmt_fast: %s", run_checkpoints.summary(counts))
+            if report is not None:
+                report.update(counts)
+
     def _runner(self, slots: int) -> graphs.StepRunner:
         if slots not in self._runners:
             if self.cuda_graphs and self._graph_pool is None:
@@ -471,16 +525,17 @@ class Engine:
     def _run(self, source, slots: int, empty: str, on_error: str, progress: bool, total: Optional[int],
              on_done: Optional[Callable] = None, start_memory: Optional[torch.Tensor] = None,
              final_memory: Optional[torch.Tensor] = None,
-             segment_logits: Optional[list] = None) -> Dict[int, torch.Tensor]:
+             segment_logits: Optional[list] = None, checkpoints=None) -> Dict[int, torch.Tensor]:
         """Run every document of ``source`` through ``slots`` slots (``slot_loop.run``, which says what
         each argument does); logits [num_labels] (CPU) by document index. The static loop's runner is
-        the cached one of this slot count; per-document inputs or outputs take the compact loop."""
+        the cached one of this slot count; per-document inputs or outputs take the compact loop
+        (checkpoints work in either)."""
         per_doc = start_memory is not None or final_memory is not None or segment_logits is not None
         runner = self._runner(slots) if self.static_loop and not per_doc else None
         got, truncated = slot_loop.run(self.plan, source, slots, empty, on_error, progress, total,
                                        overlap=self.overlap, runner=runner, on_done=on_done,
                                        start_memory=start_memory, final_memory=final_memory,
-                                       segment_logits=segment_logits)
+                                       segment_logits=segment_logits, checkpoints=checkpoints)
         if truncated:
             self._warn_cut(truncated)
         return got

@@ -38,7 +38,7 @@ OnResult = Callable[[int, torch.Tensor, Optional[str]], None]
 def run(plan, source, slots: int, empty: str, on_error: str, progress: bool, total: Optional[int], *,
         overlap: bool = True, runner=None, on_done: Optional[Callable] = None,
         start_memory: Optional[torch.Tensor] = None, final_memory: Optional[torch.Tensor] = None,
-        segment_logits: Optional[list] = None) -> Tuple[Dict[int, torch.Tensor], List[int]]:
+        segment_logits: Optional[list] = None, checkpoints=None) -> Tuple[Dict[int, torch.Tensor], List[int]]:
     """Run every document of ``source``: (logits [num_labels] (CPU) by document index, the documents
     cut at max_n_segments).
 
@@ -52,13 +52,18 @@ def run(plan, source, slots: int, empty: str, on_error: str, progress: bool, tot
     the compact loop (memory_state.py's read/ask: the static loop's graphs hold no such inputs).
     segment_logits: a list that gets, per step, (its rows' documents [n], their logits [n, num_labels])
     on the device; also needs the compact loop.
+    checkpoints: a ``run_checkpoints.RunCheckpoints`` (either loop): a resumed document's saved memory is
+    copied into its slot's state row before its first step here; every ``every`` segments a document's
+    state row is copied out at the step boundary and saved (on CUDA a device copy, saved a chunk later
+    when the chunk's results are read); a finished document's logits are saved before ``on_done`` sees
+    them; a document finished by an earlier run gets its saved logits without a step.
     """
     cfg, dev = plan.config, plan.device
     C = steps_per_chunk(slots)
-    layout = ChunkLayout(source, cfg, slots, C, RING, empty=empty, on_error=on_error)
+    layout = ChunkLayout(source, cfg, slots, C, RING, empty=empty, on_error=on_error, checkpoints=checkpoints)
     cuda = dev.type == "cuda"
     if runner is not None:
-        results, ring = runner.results, runner.ring
+        state, results, ring = runner.state, runner.results, runner.ring        # [B, M, H] float32, ...
     else:
         ring = None
         state = plan.initial_memory.expand(slots, -1, -1).clone()          # [B, M, H] float32
@@ -69,18 +74,23 @@ def run(plan, source, slots: int, empty: str, on_error: str, progress: bool, tot
     truncated: List[int] = []
     bar = tqdm(total=total, unit="seg", disable=not progress, desc="segments", dynamic_ncols=True)
     t0, n_seg, n_tok = time.perf_counter(), 0, 0
-    pending: Optional[ChunkMeta] = None
+    pending: Optional[Tuple[ChunkMeta, List[tuple]]] = None   # CUDA: the chunk whose results come next
+    snapshots: List[tuple] = []                    # CUDA: (document, position, memory [M, H] on the device)
 
-    def finish(d: int, logits: torch.Tensor) -> None:
+    def finish(d: int, logits: torch.Tensor, chunk: Optional[ChunkMeta] = None) -> None:
+        if checkpoints is not None and chunk is not None:      # on file before anyone sees it
+            checkpoints.save(d, chunk.ends[d], logits=logits)
         got[d] = logits
         if on_done is not None:
             on_done(d, logits, None)
 
-    def collect(chunk: ChunkMeta) -> None:         # CUDA: a chunk's results, read one chunk late
+    def collect(chunk: ChunkMeta, saves: List[tuple]) -> None:   # CUDA: a chunk's results, read one chunk late
         k = chunk.ring_slot
         harvested[k].synchronize()
+        for d, position, memory in saves:
+            checkpoints.save(d, position, memory=memory)
         for d, row in chunk.finished:
-            finish(d, host_results[k, row - k * C * slots].clone())
+            finish(d, host_results[k, row - k * C * slots].clone(), chunk)
 
     try:
         with Feeder(layout, dev, threaded=overlap, ring=ring) as feed:
@@ -91,26 +101,36 @@ def run(plan, source, slots: int, empty: str, on_error: str, progress: bool, tot
                 by_step: Dict[int, list] = {}
                 for d, row in chunk.finished:
                     by_step.setdefault((row - chunk.ring_slot * C * slots) // slots, []).append((d, row))
+                resumes, saves = _by_step(chunk.resumed), _by_step(chunk.saves)
+                for d in chunk.restored:
+                    finish(d, checkpoints.logits(d))
                 if runner is not None:
                     runner.begin_chunk(chunk.ring_slot)
                 for c in range(chunk.steps):
+                    for b, d in resumes.get(c, ()):       # before the step: the slot's memory is the saved one
+                        state[b].copy_(checkpoints.memory(d))
                     if runner is not None:
                         runner.step(chunk.width[c], chunk.masked[c])
                     else:
                         n = chunk.n_busy[c]
                         compact_step(plan, state, results, ids[c, :n], meta[c, :, :n], chunk.masked[c],
                                      start_memory, final_memory, layout.sink, segment_logits)
+                    for b, d, position in saves.get(c, ()):   # after the step: the state at its boundary
+                        if cuda:
+                            snapshots.append((d, position, state[b].clone()))
+                        else:
+                            checkpoints.save(d, position, memory=state[b])
                     if not cuda:                     # on the host already: out at once
                         for d, row in by_step.get(c, ()):
-                            finish(d, results[row].clone())
+                            finish(d, results[row].clone(), chunk)
                 feed.release(chunk)
                 if cuda:
                     k = chunk.ring_slot
                     host_results[k].copy_(results[k * C * slots:(k + 1) * C * slots], non_blocking=True)
                     harvested[k].record()
                     if pending is not None:
-                        collect(pending)            # the previous chunk: done by now or soon
-                    pending = chunk
+                        collect(*pending)           # the previous chunk: done by now or soon
+                    pending, snapshots = (chunk, snapshots), []
                 truncated += chunk.truncated
                 n_seg += chunk.n_segments
                 n_tok += chunk.n_tokens
@@ -119,10 +139,18 @@ def run(plan, source, slots: int, empty: str, on_error: str, progress: bool, tot
                     bar.set_postfix_str(f"{n_seg / dt:.1f} seg/s, {n_tok / dt:,.0f} tok/s", refresh=False)
                     bar.update(chunk.n_segments)
             if pending is not None:
-                collect(pending)
+                collect(*pending)
     finally:
         bar.close()
     return got, sorted(set(truncated))
+
+
+def _by_step(rows: List[tuple]) -> Dict[int, List[tuple]]:
+    """(step, rest...) rows -> {step: [(rest...), ...]}."""
+    out: Dict[int, List[tuple]] = {}
+    for step, *rest in rows:
+        out.setdefault(step, []).append(tuple(rest))
+    return out
 
 
 def compact_step(plan, state, results, ids, meta, masked: bool, start_memory=None, final_memory=None,

@@ -1,0 +1,285 @@
+"""Resume a long classify run: per-document checkpoints of the carried memory, and finished logits.
+
+With ``checkpoint_dir`` a run keeps one file per document, ``doc-KEY.safetensors`` (KEY: the
+document's index in the call, or the key the caller files it under). Every ``every`` segments of a
+document the loop copies that document's memory out of the state at the step boundary (the float32
+``[M, H]`` row the loop carries: a resumed run is bit-identical to an uninterrupted one) and saves it
+with its segment position; at its last segment the file is replaced by its logits. Each write is
+atomic (temporary file, fsync, rename: ``files.py``), so a kill leaves the old complete file or the
+new one.
+
+A rerun with the same arguments looks up each document as a slot takes it (``point``): no file, it
+starts fresh; a memory file, the slot starts at that segment from that memory (the layout reads past
+the segments already done, checking their ids); a logits file, the document is not computed at all.
+What makes a file usable, checked with an error naming the file and what differs (never a silent
+wrong resume): the format and checksum (a truncated or corrupt file is an error: delete it to
+restart that document); the model (``memory_state.model_fingerprint``), the compute dtype, the
+alignment, memory size and input size; the document's index; and the document itself: the count
+and a sha256 of the token ids (with each segment's length) of the segments the file covers.
+
+The files of the run's documents are removed when the call returns, unless ``keep``; then the
+folder too, if that leaves it empty.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .. import files
+
+log = logging.getLogger(__name__)
+
+FORMAT = "rmt_fast.RunCheckpoint/1"
+_KEY = "rmt_fast_run_checkpoint"
+DEFAULT_EVERY = 64                       # segments between saves when only a folder is given
+_SETTINGS = (("segment_alignment", "alignment"), ("num_mem_tokens", "memory size"), ("input_size", "input size"),
+             ("num_labels", "number of labels"))
+
+
+class RunCheckpointError(ValueError):
+    """A checkpoint file that cannot be used for this run: unreadable, corrupt, or of another model,
+    setting or document. It stops the run (never one document's NaN: the folder is the wrong one)."""
+
+
+def check_options(checkpoint_dir, checkpoint_every, keep_checkpoints) -> None:
+    """ValueError for options that cannot be met (named by their argument names)."""
+    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise ValueError(f"checkpoint_dir must be a path (str or os.PathLike), got {type(checkpoint_dir).__name__}")
+    if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool)
+                                         or checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every must be a positive int (segments), got {checkpoint_every!r}")
+    if not isinstance(keep_checkpoints, bool):
+        raise ValueError(f"keep_checkpoints must be True or False, got {keep_checkpoints!r}")
+    if checkpoint_dir is None and (checkpoint_every is not None or keep_checkpoints):
+        raise ValueError("checkpoint_every and keep_checkpoints need checkpoint_dir")
+
+
+def identity(config, hidden: int, fingerprint: str, dtype: str) -> dict:
+    """What a checkpoint must match to be resumed by a run of this model in this dtype."""
+    return {"fingerprint": fingerprint, "dtype": dtype, "memory_shape": [config.num_mem_tokens, hidden],
+            "config": {key: getattr(config, key) for key, _ in _SETTINGS}}
+
+
+def file_name(key: int) -> str:
+    return f"doc-{key}.safetensors"
+
+
+class Prefix:
+    """What a document's segments so far consumed: the segment count, the text ids, and a sha256 of
+    each segment's length and ids (so the same ids cut elsewhere are another prefix)."""
+
+    def __init__(self):
+        self.segments, self.tokens = 0, 0
+        self._hash = hashlib.sha256()
+
+    def add(self, ids: np.ndarray) -> None:
+        """One more segment's text ids [n] int64."""
+        self._hash.update(struct.pack("<q", ids.size))
+        self._hash.update(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+        self.segments += 1
+        self.tokens += ids.size
+
+    def digest(self) -> str:
+        return self._hash.hexdigest()
+
+
+@dataclass
+class ResumePoint:
+    """A document's checkpoint file, read and checked against this run's model and settings."""
+
+    path: Path
+    segments: int                          # segments done
+    tokens: int                            # text ids those segments consumed
+    sha256: str                            # Prefix.digest() of them
+    memory: Optional[torch.Tensor]         # [M, H] float32 after segment ``segments`` (unfinished)
+    logits: Optional[torch.Tensor]         # [num_labels] float32 (finished)
+
+    @property
+    def finished(self) -> bool:
+        return self.logits is not None
+
+
+def _checksum(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+
+
+class RunCheckpoints:
+    """One run's checkpoint folder. ``identity``: fingerprint, dtype, and the config's settings above.
+    keys: per document index the key its file is named by (default: the index)."""
+
+    def __init__(self, directory, every: Optional[int], keep: bool, identity: dict,
+                 keys: Optional[Sequence[int]] = None):
+        self.directory = Path(directory)
+        self.every = DEFAULT_EVERY if every is None else every
+        self.keep, self.identity = keep, identity
+        self._keys = None if keys is None else [int(k) for k in keys]
+        if self.directory.exists() and not self.directory.is_dir():
+            raise RunCheckpointError(f"checkpoint_dir {self.directory}: exists and is not a folder")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()            # points are read on the layout thread, saves on the loop's
+        self._points: Dict[int, ResumePoint] = {}
+        self._seen: Dict[int, Optional[str]] = {}   # this run's documents (their files are removed): names
+        self.resumed: Dict[int, int] = {}        # index -> segment it resumed at
+        self.restored: list = []                 # indices finished by an earlier run
+        self.fresh: list = []                    # indices started from their first segment
+        self.saved = 0                           # files written by this run
+
+    def key(self, index: int) -> int:
+        if self._keys is None:
+            return index
+        if index >= len(self._keys):
+            raise RunCheckpointError(f"checkpoint_keys has {len(self._keys)} keys; document {index} has none")
+        return self._keys[index]
+
+    def path(self, index: int) -> Path:
+        return self.directory / file_name(self.key(index))
+
+    # -- reading (the layout thread) ------------------------------------------------------------------
+    def point(self, index: int, name: Optional[str] = None) -> Optional[ResumePoint]:
+        """Document ``index``'s checkpoint, checked against this run (RunCheckpointError), or None."""
+        path = self.path(index)
+        with self._lock:
+            self._seen[index] = name
+        if not path.exists():
+            with self._lock:
+                self.fresh.append(index)
+            return None
+        point = self._load(path, index)
+        with self._lock:
+            self._points[index] = point
+        return point
+
+    def _load(self, path: Path, index: int) -> ResumePoint:
+        from safetensors.torch import load
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise RunCheckpointError(f"{path}: cannot read the checkpoint: {e.strerror or e}") from e
+        try:
+            (n,) = struct.unpack("<Q", data[:8])
+            meta = json.loads(json.loads(data[8:8 + n])["__metadata__"][_KEY])
+            tensors = load(data)
+        except Exception as e:  # noqa: BLE001 - any failure to parse means a damaged or foreign file
+            raise RunCheckpointError(f"{path}: not a readable rmt_fast run checkpoint (truncated or corrupt: "
+                                     f"{type(e).__name__}: {e}); delete it to restart that document") from e
+        if meta.get("format") != FORMAT:
+            raise RunCheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+        mine = self.identity
+        for key, what in _SETTINGS:
+            if meta["config"].get(key) != mine["config"][key]:
+                raise RunCheckpointError(f"{path} was written with {key}={meta['config'].get(key)!r}; this model has "
+                                         f"{key}={mine['config'][key]!r} ({what} differs): another run's folder?")
+        if meta["fingerprint"] != mine["fingerprint"]:
+            raise RunCheckpointError(f"{path} was written by another model (fingerprint {meta['fingerprint'][:12]}, "
+                                     f"this model {mine['fingerprint'][:12]}: other weights or config)")
+        if meta["dtype"] != mine["dtype"]:
+            raise RunCheckpointError(f"{path} was computed in {meta['dtype']}; this run computes in {mine['dtype']}")
+        if meta["key"] != self.key(index) or meta["index"] != index:
+            raise RunCheckpointError(f"{path} holds document {meta['index']} (key {meta['key']}), not document "
+                                     f"{index} (key {self.key(index)}): another run's folder?")
+        finished = bool(meta["finished"])
+        name = "logits" if finished else "memory"
+        tensor = tensors.get(name)
+        want = (mine["config"]["num_labels"],) if finished else tuple(mine["memory_shape"])
+        if tensor is None or tensor.dtype != torch.float32 or tuple(tensor.shape) != want:
+            raise RunCheckpointError(f"{path}: {name} must be {list(want)} float32, got "
+                                     f"{None if tensor is None else (tuple(tensor.shape), tensor.dtype)}")
+        if _checksum(tensor) != meta["checksum"]:
+            raise RunCheckpointError(f"{path}: the checksum does not match the tensor (the file is corrupt); "
+                                     f"delete it to restart that document")
+        return ResumePoint(path, int(meta["segments"]), int(meta["tokens"]), meta["sha256"],
+                           None if finished else tensor, tensor if finished else None)
+
+    def verify(self, index: int, name: Optional[str], point: ResumePoint, read: Prefix, ended: bool) -> None:
+        """The segments just read past are the ones ``point`` covers (RunCheckpointError naming what differs)."""
+        doc = f"document {index}" + (f" ({name})" if name else "")
+        if read.segments != point.segments or ended != point.finished:
+            now = f"ends after {read.segments} segments" if ended else f"has more than {read.segments} segments"
+            was = f"{point.segments} segments, {'finished' if point.finished else 'unfinished'}"
+            raise RunCheckpointError(f"{point.path} is for another document: it covers {was}, but {doc} {now}")
+        if read.tokens != point.tokens or read.digest() != point.sha256:
+            raise RunCheckpointError(f"{point.path} is for another document: its first {point.segments} segments "
+                                     f"held {point.tokens} ids (sha256 {point.sha256[:12]}), {doc}'s hold "
+                                     f"{read.tokens} (sha256 {read.digest()[:12]})")
+        with self._lock:
+            if point.finished:
+                self.restored.append(index)
+            else:
+                self.resumed[index] = point.segments
+
+    def memory(self, index: int) -> torch.Tensor:
+        """[M, H] float32 (CPU): the memory document ``index`` resumes from."""
+        return self._points[index].memory
+
+    def logits(self, index: int) -> torch.Tensor:
+        """[num_labels] float32 (CPU): the logits of a document finished by an earlier run."""
+        return self._points[index].logits
+
+    # -- writing (the loop's thread) ------------------------------------------------------------------
+    def save(self, index: int, position, *, memory: Optional[torch.Tensor] = None,
+             logits: Optional[torch.Tensor] = None) -> None:
+        """Document ``index``'s memory [M, H] after ``segments`` segments, or its logits [num_labels]
+        once finished, atomically (temporary file, fsync, rename). position: (segments, tokens, sha256)."""
+        from safetensors.torch import save
+        segments, tokens, sha256 = position
+        with self._lock:
+            name = self._seen.get(index)
+        finished = logits is not None
+        tensor = (logits if finished else memory).detach().to("cpu", torch.float32).contiguous()
+        meta = {"format": FORMAT, "key": self.key(index), "index": index, "name": name, "finished": finished,
+                "segments": segments, "tokens": tokens, "sha256": sha256, "checksum": _checksum(tensor),
+                "fingerprint": self.identity["fingerprint"], "dtype": self.identity["dtype"],
+                "config": self.identity["config"], "every": self.every}
+        data = save({"logits" if finished else "memory": tensor}, metadata={_KEY: json.dumps(meta)})
+        files.write_bytes(self.path(index), data)
+        with self._lock:
+            self.saved += 1
+
+    # -- the end ------------------------------------------------------------------------------------
+    def report(self) -> dict:
+        """The run's counts: documents resumed (index -> segment), skipped as finished, started fresh,
+        segments not computed thanks to the files, files written, the folder and whether it was kept."""
+        with self._lock:
+            skipped = sum(self.resumed.values()) + sum(self._points[i].segments for i in self.restored)
+            return {"resumed": dict(sorted(self.resumed.items())), "finished": sorted(self.restored),
+                    "fresh": sorted(self.fresh), "segments_skipped": skipped, "checkpoints_written": self.saved,
+                    "directory": str(self.directory), "kept": self.keep or self.directory.exists()}
+
+    def close(self) -> None:
+        """The run ended well: remove its documents' files (unless ``keep``), then the folder if empty."""
+        if not self.keep:
+            remove(self.directory, [self.key(i) for i in self._seen])
+
+
+def remove(directory, keys) -> None:
+    """Remove the files of documents ``keys`` (and killed runs' temporary files), then the folder if empty."""
+    directory = Path(directory)
+    for key in keys:
+        (directory / file_name(key)).unlink(missing_ok=True)
+    for leftover in directory.glob(".doc-*.safetensors.tmp-*"):
+        leftover.unlink(missing_ok=True)
+    try:
+        directory.rmdir()
+    except OSError:
+        log.info("rmt_fast: %s holds other files; left in place", directory)
+
+
+def summary(report: dict, name_of: Callable[[int], str] = str) -> str:
+    """One line for people: what a rerun resumed (documents named by ``name_of(index)``), skipped and started."""
+    resumed = report["resumed"]
+    where = ", ".join(f"{name_of(i)} at segment {k}" for i, k in list(resumed.items())[:8])
+    where += ", ..." if len(resumed) > 8 else ""
+    return (f"checkpoints: {len(resumed)} documents resumed{f' ({where})' if resumed else ''}, "
+            f"{len(report['finished'])} skipped as finished, {len(report['fresh'])} started fresh, "
+            f"{report['segments_skipped']} segments skipped; {report['checkpoints_written']} files written; "
+            f"{report['directory']} {'kept' if report['kept'] else 'removed'}")
