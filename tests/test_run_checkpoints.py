@@ -96,6 +96,7 @@ def test_a_rerun_after_any_save_gives_the_uninterrupted_logits_exactly(every, al
         saved, got, report = stop_and_rerun(engine, docs, directory, monkeypatch, stop, batch_size=1,
                                             checkpoint_every=every)
         assert torch.equal(got, want), (stop, saved)
+        assert all(k % every == 0 for k, done in saved.values() if not done), saved   # every N segments
         assert_nothing_computed_twice(saved, report, len(docs))
         assert not directory.exists()                  # removed once the rerun returned
         mid_way += bool(report["resumed"])

@@ -184,9 +184,9 @@ class RunCheckpoints:
                                      f"this model {mine['fingerprint'][:12]}: other weights or config)")
         if meta["dtype"] != mine["dtype"]:
             raise RunCheckpointError(f"{path} was computed in {meta['dtype']}; this run computes in {mine['dtype']}")
-        if meta["key"] != self.key(index) or meta["index"] != index:
-            raise RunCheckpointError(f"{path} holds document {meta['index']} (key {meta['key']}), not document "
-                                     f"{index} (key {self.key(index)}): another run's folder?")
+        if meta["key"] != self.key(index):            # the key a file is named by; the index is the call's
+            raise RunCheckpointError(f"{path} holds document {meta['key']} ({meta['name']}), not document "
+                                     f"{self.key(index)}: a renamed file, or another run's folder?")
         finished = bool(meta["finished"])
         name = "logits" if finished else "memory"
         tensor = tensors.get(name)
