@@ -330,3 +330,18 @@ def test_options_are_checked_before_any_compute(tmp_path):
         engine.classify(docs, checkpoint_dir=tmp_path / "file")
     with pytest.raises(ValueError, match="checkpoint_every must be"):
         engine.classify_texts(["a"], None, checkpoint_dir=tmp_path, checkpoint_every=-1)
+
+
+def test_a_write_error_stops_the_run_and_no_writer_thread_outlives_it(tmp_path, monkeypatch):
+    import threading
+    from rmt_fast import files
+
+    def full(path, data):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(files, "write_bytes", full)
+    engine = Engine(model_of("left"), dtype="float32")
+    docs = random_docs([6 * S, 5 * S], engine.config.vocab_size, low=5)
+    with pytest.raises(RunCheckpointError, match=r"could not be written \(OSError: .*No space left on device"):
+        engine.classify(docs, batch_size=1, checkpoint_dir=tmp_path / "ck", checkpoint_every=1)
+    assert not [t for t in threading.enumerate() if t.name == "rmt-checkpoints"]
+    engine.classify(docs, batch_size=1)                # the engine itself is fine

@@ -6,7 +6,8 @@ document the loop copies that document's memory out of the state at the step bou
 ``[M, H]`` row the loop carries: a resumed run is bit-identical to an uninterrupted one) and saves it
 with its segment position; at its last segment the file is replaced by its logits. Each write is
 atomic (temporary file, fsync, rename: ``files.py``), so a kill leaves the old complete file or the
-new one.
+new one. Writes run on a writer thread, in order, so the step loop never waits for a disk's fsync; a
+write error is raised in the run, and the call waits for every queued write before it ends.
 
 A rerun with the same arguments looks up each document as a slot takes it (``point``): no file, it
 starts fresh; a memory file, the slot starts at that segment from that memory (the layout reads past
@@ -26,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import struct
 import threading
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 FORMAT = "rmt_fast.RunCheckpoint/1"
 _KEY = "rmt_fast_run_checkpoint"
 DEFAULT_EVERY = 64                       # segments between saves when only a folder is given
+QUEUED_WRITES = 64                       # files serialized but not yet written: then save() waits
 _SETTINGS = (("segment_alignment", "alignment"), ("num_mem_tokens", "memory size"), ("input_size", "input size"),
              ("num_labels", "number of labels"))
 
@@ -133,6 +136,9 @@ class RunCheckpoints:
         self.restored: list = []                 # indices finished by an earlier run
         self.fresh: list = []                    # indices started from their first segment
         self.saved = 0                           # files written by this run
+        self._writes: "queue.Queue" = queue.Queue(QUEUED_WRITES)   # (path, bytes), written in order
+        self._writer: Optional[threading.Thread] = None
+        self._write_error: Optional[BaseException] = None
 
     def key(self, index: int) -> int:
         if self._keys is None:
@@ -241,9 +247,40 @@ class RunCheckpoints:
                 "fingerprint": self.identity["fingerprint"], "dtype": self.identity["dtype"],
                 "config": self.identity["config"], "every": self.every}
         data = save({"logits" if finished else "memory": tensor}, metadata={_KEY: json.dumps(meta)})
-        files.write_bytes(self.path(index), data)
-        with self._lock:
-            self.saved += 1
+        self._raise_write_error()
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="rmt-checkpoints", daemon=True)
+            self._writer.start()
+        self._writes.put((self.path(index), data))
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._writes.get()
+            try:
+                if item is None:
+                    return
+                if self._write_error is None:        # after a failure nothing more is written
+                    files.write_bytes(*item)
+                    with self._lock:
+                        self.saved += 1
+            except BaseException as e:  # noqa: BLE001 - raised on the loop's thread by the next save or flush
+                self._write_error = e
+            finally:
+                self._writes.task_done()
+
+    def _raise_write_error(self) -> None:
+        if self._write_error is not None:
+            raise RunCheckpointError(f"{self.directory}: a checkpoint could not be written "
+                                     f"({type(self._write_error).__name__}: {self._write_error})") from self._write_error
+
+    def flush(self) -> None:
+        """Wait until every queued file is written (and stop the writer); raise a write error."""
+        if self._writer is not None:
+            self._writes.join()
+            self._writes.put(None)
+            self._writer.join()
+            self._writer = None
+        self._raise_write_error()
 
     # -- the end ------------------------------------------------------------------------------------
     def report(self) -> dict:
@@ -256,7 +293,9 @@ class RunCheckpoints:
                     "directory": str(self.directory), "kept": self.keep or self.directory.exists()}
 
     def close(self) -> None:
-        """The run ended well: remove its documents' files (unless ``keep``), then the folder if empty."""
+        """The run ended well: every file written, then its documents' files removed (unless ``keep``),
+        then the folder if that leaves it empty."""
+        self.flush()
         if not self.keep:
             remove(self.directory, [self.key(i) for i in self._seen])
 

@@ -507,6 +507,10 @@ class Engine:
         try:
             yield
             checkpoints.close()
+        except BaseException:
+            with contextlib.suppress(Exception):    # what was computed is kept; the first error is the one raised
+                checkpoints.flush()
+            raise
         finally:
             counts = checkpoints.report()
             log.info("rmt_fast: %s", run_checkpoints.summary(counts))
