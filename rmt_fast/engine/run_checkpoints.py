@@ -7,7 +7,8 @@ document the loop copies that document's memory out of the state at the step bou
 with its segment position; at its last segment the file is replaced by its logits. Each write is
 atomic (temporary file, fsync, rename: ``files.py``), so a kill leaves the old complete file or the
 new one. Writes run on a writer thread, in order, so the step loop never waits for a disk's fsync; a
-write error is raised in the run, and the call waits for every queued write before it ends.
+write error is raised in the run, and the call waits for every queued write before it ends (but for a
+call that returns and removes the files anyway: those still queued are dropped).
 
 A rerun with the same arguments looks up each document as a slot takes it (``point``): no file, it
 starts fresh; a memory file, the slot starts at that segment from that memory (the layout reads past
@@ -273,9 +274,16 @@ class RunCheckpoints:
             raise RunCheckpointError(f"{self.directory}: a checkpoint could not be written "
                                      f"({type(self._write_error).__name__}: {self._write_error})") from self._write_error
 
-    def flush(self) -> None:
-        """Wait until every queued file is written (and stop the writer); raise a write error."""
+    def flush(self, discard: bool = False) -> None:
+        """Wait until every queued file is written (``discard``: dropped unwritten) and stop the writer;
+        raise a write error."""
         if self._writer is not None:
+            while discard:
+                try:
+                    self._writes.get_nowait()
+                    self._writes.task_done()
+                except queue.Empty:
+                    break
             self._writes.join()
             self._writes.put(None)
             self._writer.join()
@@ -293,9 +301,9 @@ class RunCheckpoints:
                     "directory": str(self.directory), "kept": self.keep or self.directory.exists()}
 
     def close(self) -> None:
-        """The run ended well: every file written, then its documents' files removed (unless ``keep``),
-        then the folder if that leaves it empty."""
-        self.flush()
+        """The run ended well: its documents' files are removed, then the folder if that leaves it empty
+        (files still queued are dropped: they would be removed); with ``keep``, every file is written."""
+        self.flush(discard=not self.keep)
         if not self.keep:
             remove(self.directory, [self.key(i) for i in self._seen])
 
