@@ -52,8 +52,8 @@ def on_file(directory):
 
 
 def count_saves(engine, docs, tmp_path, **kw):
-    report = {}
-    engine.classify(docs, checkpoint_dir=tmp_path / "count", checkpoint_report=report, **kw)
+    report = {}         # kept: every queued file is written (a call that removes its folder drops the last ones)
+    engine.classify(docs, checkpoint_dir=tmp_path / "count", keep_checkpoints=True, checkpoint_report=report, **kw)
     return report["checkpoints_written"]
 
 
