@@ -345,3 +345,21 @@ def test_a_write_error_stops_the_run_and_no_writer_thread_outlives_it(tmp_path, 
         engine.classify(docs, batch_size=1, checkpoint_dir=tmp_path / "ck", checkpoint_every=1)
     assert not [t for t in threading.enumerate() if t.name == "rmt-checkpoints"]
     engine.classify(docs, batch_size=1)                # the engine itself is fine
+
+
+def test_checkpoint_keys_name_the_files_and_must_be_distinct(tmp_path):
+    torch.manual_seed(5)
+    model, folder = save_model_with_vocab(tmp_path / "model")
+    tok = load_tokenizer(folder)
+    engine = Engine(model, dtype="float32")
+    texts = ["the cat sat on the mat " * 9, "a dog ran far away"]
+    for i, t in enumerate(texts):
+        (tmp_path / f"{i}.txt").write_text(t)
+    paths = [tmp_path / "0.txt", tmp_path / "1.txt"]
+    want = engine.classify_stream(paths, tok)
+    got = engine.classify_stream(paths, tok, checkpoint_dir=tmp_path / "ck", keep_checkpoints=True,
+                                 checkpoint_keys=[7, 3])
+    assert torch.equal(got, want)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["doc-3.safetensors", "doc-7.safetensors"]
+    with pytest.raises(RunCheckpointError, match="checkpoint_keys must be distinct"):
+        engine.classify_stream(paths, tok, checkpoint_dir=tmp_path / "ck", checkpoint_keys=[4, 4])

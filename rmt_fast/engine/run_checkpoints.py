@@ -24,6 +24,7 @@ folder too, if that leaves it empty.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,7 +34,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -127,6 +128,8 @@ class RunCheckpoints:
         self.every = DEFAULT_EVERY if every is None else every
         self.keep, self.identity = keep, identity
         self._keys = None if keys is None else [int(k) for k in keys]
+        if self._keys is not None and len(set(self._keys)) != len(self._keys):
+            raise RunCheckpointError("checkpoint_keys must be distinct: two documents would share a file")
         if self.directory.exists() and not self.directory.is_dir():
             raise RunCheckpointError(f"checkpoint_dir {self.directory}: exists and is not a folder")
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -306,6 +309,28 @@ class RunCheckpoints:
         self.flush(discard=not self.keep)
         if not self.keep:
             remove(self.directory, [self.key(i) for i in self._seen])
+
+
+@contextlib.contextmanager
+def reporting(checkpoints: Optional[RunCheckpoints], report: Optional[dict]) -> Iterator[None]:
+    """Around a run (a no-op without checkpoints): when it returns its files go (unless kept); when it
+    raises every queued file is written first and all are kept; either way the counts are logged and
+    put into the caller's ``report`` dict."""
+    if checkpoints is None:
+        yield
+        return
+    try:
+        yield
+        checkpoints.close()
+    except BaseException:
+        with contextlib.suppress(Exception):    # what was computed is kept; the first error is the one raised
+            checkpoints.flush()
+        raise
+    finally:
+        counts = checkpoints.report()
+        log.info("rmt_fast: %s", summary(counts))
+        if report is not None:
+            report.update(counts)
 
 
 def remove(directory, keys) -> None:

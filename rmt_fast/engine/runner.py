@@ -267,7 +267,7 @@ class Engine:
         source = IdsSource(documents, segs)
         rows: Optional[list] = [] if per_segment else None
         checkpoints = self._checkpoints(checkpoint_dir, checkpoint_every, keep_checkpoints)
-        with self._reporting(checkpoints, checkpoint_report):
+        with run_checkpoints.reporting(checkpoints, checkpoint_report):
             got = self._run(source, min(batch_size, D), empty, "raise", progress, total=len(segs),
                             segment_logits=rows, checkpoints=checkpoints)
         if per_segment:
@@ -386,7 +386,7 @@ class Engine:
                 keys: Optional[Sequence[int]] = None, report: Optional[dict] = None) -> torch.Tensor:
         """Classify (name, source) items; a source that is a str is a text in memory."""
         checkpoints = self._checkpoints(opts.checkpoint_dir, opts.checkpoint_every, opts.keep_checkpoints, keys)
-        with self._reporting(checkpoints, report):
+        with run_checkpoints.reporting(checkpoints, report):
             return self._stream_run(items, n_items, tokenizer, opts, failures, on_result, checkpoints)
 
     def _stream_run(self, items, n_items: Optional[int], tokenizer, opts: RunOptions,
@@ -495,27 +495,6 @@ class Engine:
         identity = run_checkpoints.identity(self.config, self.plan.hidden, reading.fingerprint(self),
                                             reading._dtype_name(self))
         return run_checkpoints.RunCheckpoints(directory, every, keep, identity, keys)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _reporting(checkpoints: Optional[run_checkpoints.RunCheckpoints], report: Optional[dict]):
-        """Around a checkpointed run: the files go when it returns (unless kept; an error keeps them
-        all), and the counts are logged and put into the caller's ``report`` dict either way."""
-        if checkpoints is None:
-            yield
-            return
-        try:
-            yield
-            checkpoints.close()
-        except BaseException:
-            with contextlib.suppress(Exception):    # what was computed is kept; the first error is the one raised
-                checkpoints.flush()
-            raise
-        finally:
-            counts = checkpoints.report()
-            log.info("rmt_fast: %s", run_checkpoints.summary(counts))
-            if report is not None:
-                report.update(counts)
 
     def _runner(self, slots: int) -> graphs.StepRunner:
         if slots not in self._runners:
