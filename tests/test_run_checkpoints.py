@@ -235,7 +235,7 @@ def test_a_file_moved_to_another_index_is_refused(stopped):
     _refused(engine, docs, directory, f"holds document {d}")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "wrong shape", "empty"])
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "wrong shape", "empty", "no fingerprint"])
 def test_a_damaged_file_is_an_error_naming_it(stopped, damage):
     engine, docs, directory, saved = stopped
     d = next(d for d, (k, done) in saved.items() if not done)
@@ -247,15 +247,18 @@ def test_a_damaged_file_is_an_error_naming_it(stopped, damage):
         path.write_bytes(b"")
     elif damage == "flipped byte":
         path.write_bytes(data[:-5] + bytes([data[-5] ^ 0x40]) + data[-4:])
-    else:                                              # a well-formed file whose memory has one row too many
+    else:                       # well-formed files: the memory has one row too many, or a field is missing
         from safetensors.torch import save
         (n,) = struct.unpack("<Q", data[:8])
         meta = json.loads(json.loads(data[8:8 + n])["__metadata__"]["rmt_fast_run_checkpoint"])
-        memory = torch.randn(M_TOKENS + 1, 32)
+        memory = torch.randn(M_TOKENS + 1, 32) if damage == "wrong shape" else torch.randn(M_TOKENS, 32)
         meta["checksum"] = run_checkpoints._checksum(memory)
+        if damage == "no fingerprint":
+            del meta["fingerprint"]
         path.write_bytes(save({"memory": memory}, metadata={"rmt_fast_run_checkpoint": json.dumps(meta)}))
     pattern = {"truncated": "truncated or corrupt", "empty": "truncated or corrupt",
-               "flipped byte": "checksum|truncated or corrupt", "wrong shape": r"memory must be \[3, 32\]"}[damage]
+               "flipped byte": "checksum|truncated or corrupt", "wrong shape": r"memory must be \[3, 32\]",
+               "no fingerprint": "metadata lacks fingerprint"}[damage]
     _refused(engine, docs, directory, f"doc-{d}\\.safetensors", pattern)
 
 

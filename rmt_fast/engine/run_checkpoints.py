@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 FORMAT = "rmt_fast.RunCheckpoint/1"
 _KEY = "rmt_fast_run_checkpoint"
 DEFAULT_EVERY = 64                       # segments between saves when only a folder is given
+_FIELDS = ("key", "index", "name", "finished", "segments", "tokens", "sha256", "checksum", "fingerprint", "dtype",
+           "config", "every")
 QUEUED_WRITES = 64                       # files serialized but not yet written: then save() waits
 _SETTINGS = (("segment_alignment", "alignment"), ("num_mem_tokens", "memory size"), ("input_size", "input size"),
              ("num_labels", "number of labels"))
@@ -182,8 +184,13 @@ class RunCheckpoints:
         except Exception as e:  # noqa: BLE001 - any failure to parse means a damaged or foreign file
             raise RunCheckpointError(f"{path}: not a readable rmt_fast run checkpoint (truncated or corrupt: "
                                      f"{type(e).__name__}: {e}); delete it to restart that document") from e
-        if meta.get("format") != FORMAT:
-            raise RunCheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise RunCheckpointError(f"{path}: unknown checkpoint format {found!r} (expected {FORMAT})")
+        missing = sorted(set(_FIELDS) - set(meta))
+        if missing:
+            raise RunCheckpointError(f"{path}: the checkpoint's metadata lacks {', '.join(missing)} (corrupt); "
+                                     f"delete it to restart that document")
         mine = self.identity
         for key, what in _SETTINGS:
             if meta["config"].get(key) != mine["config"][key]:
