@@ -235,8 +235,10 @@ class RunCheckpoints:
                 self.resumed[index] = point.segments
 
     def memory(self, index: int) -> torch.Tensor:
-        """[M, H] float32 (CPU): the memory document ``index`` resumes from."""
-        return self._points[index].memory
+        """[M, H] float32 (CPU): the memory document ``index`` resumes from (handed over once, then dropped)."""
+        point = self._points[index]
+        memory, point.memory = point.memory, None
+        return memory
 
     def logits(self, index: int) -> torch.Tensor:
         """[num_labels] float32 (CPU): the logits of a document finished by an earlier run."""

@@ -55,8 +55,8 @@ def run(plan, source, slots: int, empty: str, on_error: str, progress: bool, tot
     checkpoints: a ``run_checkpoints.RunCheckpoints`` (either loop): a resumed document's saved memory is
     copied into its slot's state row before its first step here; every ``every`` segments a document's
     state row is copied out at the step boundary and saved (on CUDA a device copy, saved a chunk later
-    when the chunk's results are read); a finished document's logits are saved before ``on_done`` sees
-    them; a document finished by an earlier run gets its saved logits without a step.
+    when the chunk's results are read); a finished document's logits are queued for saving before
+    ``on_done`` sees them; a document finished by an earlier run gets its saved logits without a step.
     """
     cfg, dev = plan.config, plan.device
     C = steps_per_chunk(slots)
