@@ -78,7 +78,7 @@ def assert_nothing_computed_twice(saved, report, n_docs):
 
 
 @pytest.mark.parametrize("every", [1, 2, 3])
-@pytest.mark.parametrize("alignment", ["left", "right"])
+@pytest.mark.parametrize("alignment", ["left", "right", "center"])
 @pytest.mark.parametrize("loop", ["compact", "static"])
 def test_a_rerun_after_any_save_gives_the_uninterrupted_logits_exactly(every, alignment, loop, tmp_path,
                                                                        monkeypatch):
@@ -151,14 +151,16 @@ def test_more_documents_than_slots_resume_within_batch_rounding(batch_size, loop
         assert torch.allclose(got[d].double(), oracle(model, doc, alignment="right").double(), atol=1e-5)
 
 
-@pytest.mark.parametrize("alignment", ["left", "right"])
-def test_texts_resume_where_their_tokens_were_saved(alignment, tmp_path, monkeypatch):
-    """classify_texts: the tokenizer streams each text again; the slot reads past the saved segments."""
+@pytest.mark.parametrize("alignment, overlap", [("left", True), ("right", True), ("center", True),
+                                                ("left", False)])
+def test_texts_resume_where_their_tokens_were_saved(alignment, overlap, tmp_path, monkeypatch):
+    """classify_texts: the tokenizer streams each text again; the slot reads past the saved segments
+    (on the feeder thread, or in turn on the caller's with overlap=False)."""
     torch.manual_seed(7)
     model, folder = save_model_with_vocab(tmp_path / "model", segment_alignment=alignment)
     tok = load_tokenizer(folder)
     texts = [" ".join(WORDS[j] for j in torch.randint(len(WORDS), (n,)).tolist()) for n in (200, 7, 90, 130)]
-    engine = Engine(model, dtype="float32")
+    engine = Engine(model, dtype="float32", overlap=overlap)
     want = engine.classify_texts(texts, tok, batch_size=1)
     with monkeypatch.context() as m:
         crash_at(m, 6)
