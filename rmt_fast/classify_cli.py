@@ -5,6 +5,11 @@ Without ``--output`` each result is printed as soon as it and every earlier one 
 rerun skips what the file already answers. Under ``torchrun`` every process takes every world-th of
 the inputs still to answer, and rank 0 merges the processes' results in input order at the end, so
 the file is the one a single process writes.
+
+With ``--checkpoint-dir DIR`` each document's memory is also saved every ``--checkpoint-every N``
+segments (and its logits once finished), so a rerun of the same command resumes a long document where
+it was saved instead of from its start (engine/run_checkpoints.py); DIR is removed when the run ends,
+unless ``--keep-checkpoints``.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import distributed
-from .cli_args import positive_int
+from .cli_args import check_output_dir, positive_int
 from .results_file import ResultsFile
 
 
@@ -51,6 +56,13 @@ def add_cli(subparsers):
                    help="an empty document is an error (default) or gets one segment of special tokens")
     p.add_argument("--decode-errors", choices=["strict", "replace"], default="strict",
                    help="files are UTF-8; 'strict' rejects a file with invalid bytes, 'replace' uses U+FFFD")
+    p.add_argument("--checkpoint-dir", help="save each document's memory here every --checkpoint-every segments, "
+                                            "and its logits once done: a rerun of the same command resumes each "
+                                            "unfinished document where it was saved and skips finished ones")
+    p.add_argument("--checkpoint-every", type=positive_int,
+                   help="segments between a document's saves (default 64; needs --checkpoint-dir)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep --checkpoint-dir when the run ends (default: removed once every input is answered)")
     p.add_argument("--json", action="store_true", help="print one JSON object per input")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_classify)
@@ -132,8 +144,18 @@ def _device(device: str) -> str:
     return device
 
 
+def check_checkpoint_flags(args) -> None:
+    """The checkpoint flags, before any compute: N needs DIR, and DIR must be a writable folder."""
+    if args.checkpoint_dir is None:
+        if args.checkpoint_every is not None or args.keep_checkpoints:
+            raise ValueError("--checkpoint-every and --keep-checkpoints need --checkpoint-dir")
+        return
+    check_output_dir(args.checkpoint_dir, "--checkpoint-dir")
+
+
 def run_classify(args) -> int:
     names = input_names(args)
+    check_checkpoint_flags(args)
     created = distributed.init_process_group(args.device)
     try:
         return _classify(args, names)
@@ -143,6 +165,7 @@ def run_classify(args) -> int:
 
 def _classify(args, names: List[str]) -> int:
     from .engine import Engine
+    from .engine.run_checkpoints import remove as remove_checkpoints, summary
     from .model import RMTForSequenceClassification
     from .tokenize import load_tokenizer
 
@@ -185,24 +208,39 @@ def _classify(args, names: List[str]) -> int:
     # Files are read, decoded and tokenized ahead on feeder threads while earlier segments compute; a
     # document that fails is named, and the others are still answered.
     sources = [_stdin() if names[i] == "-" else Path(names[i]) for i in todo]
+    report: dict = {}      # checkpoint counts; files are named by input index, whatever --output skips
     try:
         if sources:
             engine.classify_stream(sources, tokenizer, names=[names[i] for i in todo], batch_size=args.batch_size,
                                    empty=args.empty, progress=not args.no_progress and rank == 0,
-                                   errors=args.decode_errors, on_error="nan", failures={}, on_result=on_result)
+                                   errors=args.decode_errors, on_error="nan", failures={}, on_result=on_result,
+                                   checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                                   keep_checkpoints=args.keep_checkpoints, checkpoint_keys=todo,
+                                   checkpoint_report=report)
     except KeyboardInterrupt:
         print(f"interrupted: {done[0]} of {len(sources)} documents done"
-              + (f"; rerun the same command to resume {args.output}" if args.output else ""), file=sys.stderr)
+              + (f"; rerun the same command to resume {args.output}" if args.output else "")
+              + (f"; {args.checkpoint_dir} kept to resume the rest" if args.checkpoint_dir else ""), file=sys.stderr)
         return 130
     finally:
         if out is not None:
             out.close()
+
+    def say_checkpoints() -> None:
+        if report:
+            report["kept"] = Path(args.checkpoint_dir).exists()
+            print(summary(report, lambda i: names[todo[i]]), file=sys.stderr)
     if results is None:
+        say_checkpoints()
         return 1 if failed[0] else 0
     computed = int(distributed.all_reduce([len(todo)], engine.device)[0])   # also: every part file is complete
     if rank != 0:
+        say_checkpoints()
         return 0
     results.finish()
+    if args.checkpoint_dir and not args.keep_checkpoints:     # inputs --output answered before are done too
+        remove_checkpoints(args.checkpoint_dir, range(len(names)))
+    say_checkpoints()
     errors = [r for r in results.records() if r["error"] is not None]
     for r in errors:
         print(f"error: {r['input']}: {r['error']}", file=sys.stderr)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Union
+
+from . import run_checkpoints
 
 
 @dataclass(frozen=True)
@@ -17,7 +20,11 @@ class RunOptions:
     'error' or 'special' (one segment of special tokens). progress: a tqdm bar on stderr.
     chunk_chars: characters per tokenizer call. workers: tokenizer threads. errors: UTF-8 decoding,
     'strict' or 'replace'. on_error: a bad document 'raise's a DocumentError, or gets 'nan' logits and
-    the run goes on. lookahead: documents opened (tokenized) ahead of the slots (None: batch_size + 2)."""
+    the run goes on. lookahead: documents opened (tokenized) ahead of the slots (None: batch_size + 2).
+    checkpoint_dir: resume a long run (``run_checkpoints.py``): each document's memory is saved there
+    every ``checkpoint_every`` segments (None: 64) and its logits once finished; a rerun with the same
+    arguments resumes each unfinished document from its last save and skips the finished ones. The
+    files are removed when the call returns, unless keep_checkpoints."""
 
     batch_size: int = 8
     empty: str = "error"
@@ -27,6 +34,9 @@ class RunOptions:
     errors: str = "strict"
     on_error: str = "raise"
     lookahead: Optional[int] = None
+    checkpoint_dir: Optional[Union[str, Path]] = None
+    checkpoint_every: Optional[int] = None
+    keep_checkpoints: bool = False
 
     def __post_init__(self):
         for name in ("batch_size", "chunk_chars", "workers"):
@@ -42,6 +52,7 @@ class RunOptions:
                 raise ValueError(f"{name} must be {' or '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
         if not isinstance(self.progress, bool):
             raise ValueError(f"progress must be a bool, got {self.progress!r}")
+        run_checkpoints.check_options(self.checkpoint_dir, self.checkpoint_every, self.keep_checkpoints)
 
     def replace(self, **changes) -> "RunOptions":
         return dataclasses.replace(self, **changes)

@@ -1,20 +1,9 @@
-"""The Engine: the segment loop over slots, with the memory state kept on the device.
+"""The Engine: the public API (classify, classify_stream, read/ask, ...) over one inference plan.
 
-Per step, every busy slot runs one segment of its document through the plan; the new memory is
-written back in place into one preallocated [slots, M, H] float32 state; a slot that starts a
-document has its memory reset to the initial memory first; a document's logits are scattered into
-result rows on its last segment. The feeder (``feeder.py``) lays segment ids and every per-step
-decision out on the host a chunk of steps at a time, ahead, on a thread, and copies them to the
-device ahead of use; the loop never reads anything back from the device within a chunk.
-
-Two loops over the same chunks:
-- static (CUDA): every row of a step's width computes, with fixed shapes (``graphs.step_all``),
-  replayed from a CUDA graph per width; idle rows compute garbage that is never written back.
-  The feeder compacts steps with idle slots to a power-of-two width, so the tail stays cheap.
-- compact (CPU): each step runs only the busy rows, eagerly (idle rows would cost real time).
-
-Results come back to the host a chunk late (a non-blocking copy and an event), so the host never
-waits for the step it has just enqueued. See docs/DRIVER.md.
+It keeps the plan current (rebuilt when the source model changes), checks each call's options and
+documents, picks the slots and the loop (the static loop's runners and CUDA graphs are cached here,
+per slot count) and hands the documents to the slot loop (``slot_loop.py``), which runs them through
+the slots a step at a time. See docs/DRIVER.md.
 """
 from __future__ import annotations
 
@@ -24,27 +13,23 @@ import logging
 import os
 import sys
 import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from tqdm.auto import tqdm
 
-from .. import _ext, segmentation
+from .. import segmentation
 from ..chunking import RING, STEPS_PER_CHUNK, steps_per_chunk  # noqa: F401 (re-exported)
 from ..inputs import InvalidDocumentsError, as_documents
 from ..memory_state import MemoryState
 from ..model import RMTForSequenceClassification
 from ..perfmodel import estimate, parse_size
-from . import device_policy, graphs, reading
-from .feeder import Feeder
+from . import device_policy, graphs, reading, run_checkpoints, slot_loop
 from .options import RunOptions
 from .plan import InferencePlan
-from .schedule import ChunkLayout, ChunkMeta
+from .slot_loop import OnResult
 from .sources import DocumentError, IdsSource, SourcesError, TextSource
-from .steprows import DEST, DOC, KEY_LEN, RESET, SLOT
 from .source_watch import SourceWatch
 
 log = logging.getLogger(__name__)
@@ -238,7 +223,9 @@ class Engine:
     @_public_call
     @torch.inference_mode()
     def classify(self, docs: Sequence, batch_size: Optional[int] = None, empty: str = "error",
-                 progress: bool = False, per_segment: bool = False):
+                 progress: bool = False, per_segment: bool = False, *, checkpoint_dir=None,
+                 checkpoint_every: Optional[int] = None, keep_checkpoints: bool = False,
+                 checkpoint_report: Optional[dict] = None):
         """Logits [len(docs), num_labels] float32 (on the CPU), in input order.
 
         docs: 1-D integer id sequences of any lengths (tensors, numpy arrays or lists); special ids
@@ -251,9 +238,16 @@ class Engine:
         per_segment: instead, per document its logits after every segment, first to last: a list of
         [n_segments_d, num_labels] float32 (CPU); the last row is what the default returns. Runs the
         compact loop (on CUDA too: the static loop's graphs keep no per-segment rows).
+        checkpoint_dir, checkpoint_every, keep_checkpoints: resume a long run (see ``RunOptions``;
+        document d's file is ``doc-d.safetensors``). checkpoint_report: a dict the caller passes, filled
+        with the run's counts (``RunCheckpoints.report``: resumed, finished, fresh, segments_skipped, ...).
         """
         if not isinstance(per_segment, bool):
             raise ValueError(f"per_segment must be True or False, got {per_segment!r}")
+        run_checkpoints.check_options(checkpoint_dir, checkpoint_every, keep_checkpoints)
+        if per_segment and checkpoint_dir is not None:
+            raise ValueError("per_segment=True cannot resume from checkpoints (the skipped segments' logits are "
+                             "not kept); leave checkpoint_dir out")
         batch_size = self._batch(batch_size)
         self._check_options(batch_size, empty)
         cfg = self.config
@@ -272,23 +266,25 @@ class Engine:
             return [] if per_segment else torch.zeros(0, cfg.num_labels)
         source = IdsSource(documents, segs)
         rows: Optional[list] = [] if per_segment else None
-        got = self._run(source, min(batch_size, D), empty, "raise", progress, total=len(segs),
-                        segment_logits=rows)
+        checkpoints = self._checkpoints(checkpoint_dir, checkpoint_every, keep_checkpoints)
+        with run_checkpoints.reporting(checkpoints, checkpoint_report):
+            got = self._run(source, min(batch_size, D), empty, "raise", progress, total=len(segs),
+                            segment_logits=rows, checkpoints=checkpoints)
         if per_segment:
-            return _by_document(rows, D)
+            return slot_loop.by_document(rows, D)
         return torch.stack([got[d] for d in range(D)])
 
     @_public_call
     def classify_texts(self, texts: Sequence[str], tokenizer, batch_size: Optional[int] = None,
                        empty: Optional[str] = None, progress: Optional[bool] = None, *,
                        options: Optional[RunOptions] = None, on_result: Optional[OnResult] = None,
-                       **option_kwargs) -> torch.Tensor:
+                       checkpoint_report: Optional[dict] = None, **option_kwargs) -> torch.Tensor:
         """Tokenize texts on ``workers`` threads, ahead of the compute, and classify them.
 
         Each text is tokenized in chunks of about ``chunk_chars`` characters (the same ids as
         tokenizing it whole); with left alignment a text streams through the slots as it is
         tokenized. A text that cannot be tokenized raises DocumentError naming it. Options and
-        ``on_result`` as in ``classify_stream``.
+        ``on_result``, checkpoints and ``checkpoint_report`` as in ``classify_stream``.
         """
         if isinstance(texts, (str, bytes)):
             raise TypeError("texts must be a list of str, not one str: classify_texts([text], tokenizer)")
@@ -298,7 +294,8 @@ class Engine:
                 raise InvalidDocumentsError({i: f"expected a str, got {type(t).__name__}"})
         opts = RunOptions.merge(options, batch_size=self._batch(batch_size, options), empty=empty,
                                 progress=progress, **option_kwargs)
-        return self._stream(iter([(None, t) for t in texts]), len(texts), tokenizer, opts, None, on_result)
+        return self._stream(iter([(None, t) for t in texts]), len(texts), tokenizer, opts, None, on_result,
+                            report=checkpoint_report)
 
     @_public_call
     def classify_files(self, paths: Iterable, tokenizer, **kwargs) -> torch.Tensor:
@@ -311,6 +308,7 @@ class Engine:
                         empty: Optional[str] = None, progress: Optional[bool] = None, *,
                         options: Optional[RunOptions] = None, names: Optional[Sequence[str]] = None,
                         failures: Optional[Dict[int, str]] = None, on_result: Optional[OnResult] = None,
+                        checkpoint_keys: Optional[Sequence[int]] = None, checkpoint_report: Optional[dict] = None,
                         **option_kwargs) -> torch.Tensor:
         """Logits [n, num_labels] of documents read incrementally, in input order.
 
@@ -332,6 +330,13 @@ class Engine:
         before it are done (logits [num_labels], NaN with error the reason where it failed).
         If the iterable of sources itself raises, the documents before that point are finished
         and a ``SourcesError`` carries their ``results``.
+        checkpoint_dir, checkpoint_every, keep_checkpoints (options): resume a long run: every N segments
+        each document's memory is saved (atomically) in checkpoint_dir, and its logits once finished; a
+        rerun with the same arguments resumes each unfinished document where it was saved and skips the
+        finished ones, with the logits of an uninterrupted run. A file of another model, dtype, alignment,
+        memory size or document, or a damaged one, raises RunCheckpointError naming it. checkpoint_keys:
+        per source the int its file is named by (default its index: a caller that drops answered inputs
+        from a rerun passes their original indices). checkpoint_report: a dict filled with the counts.
         """
         if isinstance(sources, (str, bytes, os.PathLike)) or hasattr(sources, "read"):
             raise TypeError("sources must be an iterable of documents (e.g. a list of paths), not one document")
@@ -345,7 +350,7 @@ class Engine:
                 name = names[i] if names is not None and i < len(names) else (
                     str(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", None) or f"stream {i}")
                 yield name, Path(src) if isinstance(src, str) else src   # a str names a file
-        return self._stream(items(), n, tokenizer, opts, failures, on_result)
+        return self._stream(items(), n, tokenizer, opts, failures, on_result, checkpoint_keys, checkpoint_report)
 
     # -- memory states: read once, ask many (reading.py) ---------------------------------------------
     @_public_call
@@ -377,17 +382,24 @@ class Engine:
 
     @torch.inference_mode()
     def _stream(self, items: Iterator[Tuple[Optional[str], object]], n_items: Optional[int], tokenizer,
-                opts: RunOptions, failures: Optional[Dict[int, str]], on_result: Optional[OnResult]) -> torch.Tensor:
+                opts: RunOptions, failures: Optional[Dict[int, str]], on_result: Optional[OnResult],
+                keys: Optional[Sequence[int]] = None, report: Optional[dict] = None) -> torch.Tensor:
         """Classify (name, source) items; a source that is a str is a text in memory."""
+        checkpoints = self._checkpoints(opts.checkpoint_dir, opts.checkpoint_every, opts.keep_checkpoints, keys)
+        with run_checkpoints.reporting(checkpoints, report):
+            return self._stream_run(items, n_items, tokenizer, opts, failures, on_result, checkpoints)
+
+    def _stream_run(self, items, n_items: Optional[int], tokenizer, opts: RunOptions,
+                    failures: Optional[Dict[int, str]], on_result: Optional[OnResult], checkpoints) -> torch.Tensor:
         if n_items is None:             # no more slots than documents: on CUDA every slot computes
-            items, n_items = _peek(items, opts.batch_size)
+            items, n_items = slot_loop.peek(items, opts.batch_size)
         slots = opts.batch_size if n_items is None else max(1, min(opts.batch_size, n_items))
         source = TextSource(items, tokenizer, self.config, empty=opts.empty, workers=opts.workers,
                             lookahead=slots + 2 if opts.lookahead is None else opts.lookahead,
                             chunk_chars=opts.chunk_chars, errors=opts.errors, on_error=opts.on_error)
         got: Dict[int, torch.Tensor] = {}
         failed: Dict[int, DocumentError] = {}
-        in_order = _InOrder(on_result, self.config.num_labels)
+        in_order = slot_loop.InOrder(on_result, self.config.num_labels)
 
         def done(d: int, logits: Optional[torch.Tensor], err: Optional[DocumentError]) -> None:
             if err is None:
@@ -397,7 +409,8 @@ class Engine:
             in_order.add(d, logits, err)
 
         try:
-            self._run(source, slots, opts.empty, opts.on_error, opts.progress, total=None, on_done=done)
+            self._run(source, slots, opts.empty, opts.on_error, opts.progress, total=None, on_done=done,
+                      checkpoints=checkpoints)
         except SourcesError as e:      # on_error='raise': what was finished goes with the error
             e.results, e.failures = self._collected(got, failed), {d: f.reason for d, f in failed.items()}
             raise
@@ -474,6 +487,15 @@ class Engine:
                       f"{cfg.max_n_segments} ({limit} tokens) and keep only their head, as the reference does",
                       stacklevel=_user_stacklevel())
 
+    def _checkpoints(self, directory, every: Optional[int], keep: bool,
+                     keys: Optional[Sequence[int]] = None) -> Optional[run_checkpoints.RunCheckpoints]:
+        """This call's checkpoint folder (created now, before any compute), or None."""
+        if directory is None:
+            return None
+        identity = run_checkpoints.identity(self.config, self.plan.hidden, reading.fingerprint(self),
+                                            reading._dtype_name(self))
+        return run_checkpoints.RunCheckpoints(directory, every, keep, identity, keys)
+
     def _runner(self, slots: int) -> graphs.StepRunner:
         if slots not in self._runners:
             if self.cuda_graphs and self._graph_pool is None:
@@ -486,159 +508,17 @@ class Engine:
     def _run(self, source, slots: int, empty: str, on_error: str, progress: bool, total: Optional[int],
              on_done: Optional[Callable] = None, start_memory: Optional[torch.Tensor] = None,
              final_memory: Optional[torch.Tensor] = None,
-             segment_logits: Optional[list] = None) -> Dict[int, torch.Tensor]:
-        """Run every document of ``source``; logits [num_labels] (CPU) by document index.
-
-        on_done(index, logits, error) is called for each document as soon as its logits are on the
-        host (after its step on the CPU, a chunk later on CUDA) or it failed (logits None).
-        start_memory: [n_docs, M, H] float32 on the device: document d starts from start_memory[d]
-        instead of the initial memory. final_memory: [n_docs + 1, M, H] float32 on the device, row d
-        written with document d's memory after its last segment (the extra row is a sink). Either runs
-        the compact loop (memory_state.py's read/ask: the static loop's graphs hold no such inputs).
-        segment_logits: a list that gets, per step, (its rows' documents [n], their logits [n, num_labels])
-        on the device; also runs the compact loop.
-        """
-        cfg, plan, dev = self.config, self.plan, self.device
-        C = steps_per_chunk(slots)
-        layout = ChunkLayout(source, cfg, slots, C, RING, empty=empty, on_error=on_error)
-        cuda = dev.type == "cuda"
+             segment_logits: Optional[list] = None, checkpoints=None) -> Dict[int, torch.Tensor]:
+        """Run every document of ``source`` through ``slots`` slots (``slot_loop.run``, which says what
+        each argument does); logits [num_labels] (CPU) by document index. The static loop's runner is
+        the cached one of this slot count; per-document inputs or outputs take the compact loop
+        (checkpoints work in either)."""
         per_doc = start_memory is not None or final_memory is not None or segment_logits is not None
-        if self.static_loop and not per_doc:
-            runner = self._runner(slots)
-            results, ring = runner.results, runner.ring
-        else:
-            runner, ring = None, None
-            state = plan.initial_memory.expand(slots, -1, -1).clone()          # [B, M, H] float32
-            results = torch.zeros(RING * C * slots + 1, cfg.num_labels, device=dev)
-        host_results = torch.zeros(RING, C * slots, cfg.num_labels, pin_memory=True) if cuda else None
-        harvested = [torch.cuda.Event() for _ in range(RING)] if cuda else None
-        got: Dict[int, torch.Tensor] = {}
-        truncated: List[int] = []
-        bar = tqdm(total=total, unit="seg", disable=not progress, desc="segments", dynamic_ncols=True)
-        t0, n_seg, n_tok = time.perf_counter(), 0, 0
-        pending: Optional[ChunkMeta] = None
-
-        def finish(d: int, logits: torch.Tensor) -> None:
-            got[d] = logits
-            if on_done is not None:
-                on_done(d, logits, None)
-
-        def collect(chunk: ChunkMeta) -> None:         # CUDA: a chunk's results, read one chunk late
-            k = chunk.ring_slot
-            harvested[k].synchronize()
-            for d, row in chunk.finished:
-                finish(d, host_results[k, row - k * C * slots].clone())
-
-        try:
-            with Feeder(layout, dev, threaded=self.overlap, ring=ring) as feed:
-                for chunk, ids, meta in feed:           # [C, B, T], [C, FIELDS, B] on the device
-                    if on_done is not None:
-                        for d, err in sorted(chunk.failed.items()):
-                            on_done(d, None, err)
-                    by_step: Dict[int, list] = {}
-                    for d, row in chunk.finished:
-                        by_step.setdefault((row - chunk.ring_slot * C * slots) // slots, []).append((d, row))
-                    if runner is not None:
-                        runner.begin_chunk(chunk.ring_slot)
-                    for c in range(chunk.steps):
-                        if runner is not None:
-                            runner.step(chunk.width[c], chunk.masked[c])
-                        else:
-                            n = chunk.n_busy[c]
-                            self._compact_step(state, results, ids[c, :n], meta[c, :, :n], chunk.masked[c],
-                                               start_memory, final_memory, layout.sink, segment_logits)
-                        if not cuda:                     # on the host already: out at once
-                            for d, row in by_step.get(c, ()):
-                                finish(d, results[row].clone())
-                    feed.release(chunk)
-                    if cuda:
-                        k = chunk.ring_slot
-                        host_results[k].copy_(results[k * C * slots:(k + 1) * C * slots], non_blocking=True)
-                        harvested[k].record()
-                        if pending is not None:
-                            collect(pending)            # the previous chunk: done by now or soon
-                        pending = chunk
-                    truncated += chunk.truncated
-                    n_seg += chunk.n_segments
-                    n_tok += chunk.n_tokens
-                    if progress:
-                        dt = max(time.perf_counter() - t0, 1e-9)
-                        bar.set_postfix_str(f"{n_seg / dt:.1f} seg/s, {n_tok / dt:,.0f} tok/s", refresh=False)
-                        bar.update(chunk.n_segments)
-                if pending is not None:
-                    collect(pending)
-        finally:
-            bar.close()
+        runner = self._runner(slots) if self.static_loop and not per_doc else None
+        got, truncated = slot_loop.run(self.plan, source, slots, empty, on_error, progress, total,
+                                       overlap=self.overlap, runner=runner, on_done=on_done,
+                                       start_memory=start_memory, final_memory=final_memory,
+                                       segment_logits=segment_logits, checkpoints=checkpoints)
         if truncated:
-            self._warn_cut(sorted(set(truncated)))
+            self._warn_cut(truncated)
         return got
-
-    def _compact_step(self, state, results, ids, meta, masked: bool, start_memory=None, final_memory=None,
-                      sink: int = -1, segment_logits: Optional[list] = None) -> None:
-        """One step of the busy rows only (the CPU loop). ids: [n, T], meta: [FIELDS, n] int64 (steprows.py).
-        start_memory, final_memory, segment_logits: as in ``_run``; sink: the result row of no document."""
-        plan = self.plan
-        slot = meta[SLOT]                                                          # [n]
-        start = (meta[RESET] != 0)[:, None, None]                                  # [n, 1, 1]
-        initial = plan.initial_memory if start_memory is None else start_memory[meta[DOC].clamp(min=0)]
-        memory = torch.where(start, initial, state[slot])                          # [n, M, H]
-        logits, new_mem = plan.step(ids, memory, meta[KEY_LEN] if masked else None)
-        _ext.memory_write(state, new_mem, 0, slot)
-        results.index_copy_(0, meta[DEST], logits)
-        if segment_logits is not None:    # meta is a ring buffer the feeder reuses: keep a copy
-            segment_logits.append((meta[DOC].clone(), logits))
-        if final_memory is not None:      # a document's last segment: DEST is its result row, not the sink
-            row = torch.where(meta[DEST] != sink, meta[DOC], final_memory.shape[0] - 1)
-            final_memory.index_copy_(0, row, new_mem.float())
-
-
-def _by_document(rows: List[Tuple[torch.Tensor, torch.Tensor]], n_docs: int) -> List[torch.Tensor]:
-    """Per-step (documents [n], logits [n, C]) -> per document its logits [n_segments_d, C] (CPU), in
-    step order: a document's segments run in order, and a stable sort keeps that order."""
-    docs = torch.cat([d for d, _ in rows]).cpu()                                  # [S]
-    logits = torch.cat([x for _, x in rows]).cpu()                                # [S, C]
-    order = torch.sort(docs, stable=True).indices
-    return list(logits[order].split(torch.bincount(docs, minlength=n_docs).tolist()))
-
-
-OnResult = Callable[[int, torch.Tensor, Optional[str]], None]
-
-
-class _InOrder:
-    """Hands results to ``callback(index, logits, error)`` in input order, each as soon as it and every
-    earlier one are known (a failed document: NaN logits and its reason)."""
-
-    def __init__(self, callback: Optional[OnResult], num_labels: int):
-        self.callback, self.num_labels = callback, num_labels
-        self.next, self.waiting = 0, {}
-
-    def add(self, index: int, logits: Optional[torch.Tensor], error: Optional[DocumentError]) -> None:
-        if self.callback is None:
-            return
-        if logits is None:
-            logits = torch.full((self.num_labels,), float("nan"))
-        self.waiting[index] = (logits, None if error is None else error.reason)
-        while self.next in self.waiting:
-            logits, reason = self.waiting.pop(self.next)
-            self.callback(self.next, logits, reason)
-            self.next += 1
-
-
-def _peek(items: Iterator, n: int) -> Tuple[Iterator, Optional[int]]:
-    """(all the items again, their count if fewer than ``n``, else None): the first n are read now, to
-    size the slots by the documents there are; an error from the iterator is raised in its turn."""
-    head, error = [], None
-    try:
-        while len(head) < n:
-            head.append(next(items))
-    except StopIteration:
-        return iter(head), len(head)
-    except Exception as e:  # noqa: BLE001 - raised where the source reads it, after the documents before
-        error = e
-
-    def again():
-        yield from head
-        if error is not None:
-            raise error
-        yield from items
-    return again(), (len(head) if error is not None else None)

@@ -10,6 +10,11 @@ repeats the decisions on the host, so the loops never read anything back from th
 
 A chunk ends early, with the steps it has, when the next step would wait for ids still being read
 or tokenized: a stalled source never holds back segments that are ready.
+
+With run checkpoints (``run_checkpoints.py``) a slot that takes a document with a checkpoint reads
+past the segments it covers (checking their ids) and starts at the next one from the saved memory
+(``ChunkMeta.resumed``), or, for a finished one, computes nothing (``ChunkMeta.restored``); every
+``every`` segments a document's position is listed in ``ChunkMeta.saves``.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch
 
 from .. import segmentation
 from ..config import RMTConfig
+from .run_checkpoints import Prefix, RunCheckpointError
 from .sources import Doc, DocumentError, FeederStopped, ready
 from .steprows import BUSY, DEST, DOC, FIELDS, KEY_LEN, RESET, SLOT
 
@@ -39,13 +45,22 @@ class ChunkMeta:
     started: List[int] = field(default_factory=list)                 # documents whose first segment is here, in order
     truncated: List[int] = field(default_factory=list)               # documents cut at max_n_segments
     failed: Dict[int, DocumentError] = field(default_factory=dict)   # on_error='nan': document -> error
+    # run checkpoints: (step, slot, document) rows that resume from a saved memory (RESET is 0 there);
+    # (step, slot, document, Prefix state) after which a document's memory is saved; document -> Prefix
+    # state at its last segment; documents finished by an earlier run (nothing to compute)
+    resumed: List[Tuple[int, int, int]] = field(default_factory=list)
+    saves: List[Tuple[int, int, int, Tuple[int, int, str]]] = field(default_factory=list)
+    ends: Dict[int, Tuple[int, int, str]] = field(default_factory=dict)
+    restored: List[int] = field(default_factory=list)
     n_segments: int = 0
     n_tokens: int = 0
 
 
 class _Slot:
-    def __init__(self, doc: Doc):
+    def __init__(self, doc: Doc, checkpointed: bool = False):
         self.doc, self.k = doc, 0
+        self.prefix = Prefix() if checkpointed else None     # what its segments so far consumed
+        self.resumes = False          # its next segment starts from a saved memory
 
 
 class ChunkLayout:
@@ -57,8 +72,9 @@ class ChunkLayout:
     """
 
     def __init__(self, source, config: RMTConfig, slots: int, steps: int, ring: int, empty: str = "error",
-                 on_error: str = "raise"):
+                 on_error: str = "raise", checkpoints=None):
         self.source, self.config = source, config
+        self.checkpoints = checkpoints          # a run_checkpoints.RunCheckpoints, or None
         self.slots, self.steps, self.ring = slots, steps, ring
         self.empty, self.on_error = empty, on_error
         self.sink = ring * steps * slots
@@ -133,15 +149,19 @@ class ChunkLayout:
         """Slot b's document and its next segment (text tokens, is last); (None, 0, False) when idle."""
         while True:
             slot = self._active[b]
-            if slot is None:
+            new = slot is None
+            if new:
                 doc = self._next_doc(stop)
                 if doc is None:
                     return None, 0, False
-                slot = self._active[b] = _Slot(doc)
+                slot = self._active[b] = _Slot(doc, self.checkpoints is not None)
             try:
+                if new and self.checkpoints is not None and self._resume(slot, meta, stop):
+                    self._active[b] = None       # finished by an earlier run: its logits are on file
+                    continue
                 n, last = self._segment(slot, stop)
                 return slot, n, last
-            except FeederStopped:
+            except (FeederStopped, RunCheckpointError):     # a wrong checkpoint folder stops the run
                 raise
             except Exception as e:  # noqa: BLE001 - named, then raised or recorded (Ctrl-C is not a document's)
                 err = self._named(slot.doc, e)
@@ -149,6 +169,28 @@ class ChunkLayout:
                     raise err from e
                 meta.failed[slot.doc.index] = err
                 self._active[b] = None
+
+    def _resume(self, slot: _Slot, meta: ChunkMeta, stop) -> bool:
+        """Read past the segments the document's checkpoint covers, checking them; True if it is finished."""
+        doc = slot.doc
+        point = self.checkpoints.point(doc.index, doc.name)
+        if point is None:
+            return False
+        scratch = np.empty(self.S, dtype=np.int64)
+        last = False
+        while slot.k < point.segments and not last:
+            n, last = self._segment(slot, stop)
+            doc.read(n, scratch[:n])
+            slot.prefix.add(scratch[:n])
+            slot.k += 1
+        self.checkpoints.verify(doc.index, doc.name, point, slot.prefix, ended=last)
+        if point.finished:
+            meta.restored.append(doc.index)
+            if doc.truncated:
+                meta.truncated.append(doc.index)
+            return True
+        slot.resumes = True
+        return False
 
     def _lay_step(self, step_ids: np.ndarray, step_meta: np.ndarray, first_row: int, meta: ChunkMeta, stop,
                   wait: bool) -> Tuple[List[int], bool]:
@@ -176,12 +218,27 @@ class ChunkLayout:
             masked |= n < S
             meta.n_tokens += n
             slot.k += 1
+            if slot.prefix is not None:
+                self._checkpoint(slot, b, row[M + 2:M + 2 + n], last, meta)
             if last:
                 meta.finished.append((slot.doc.index, first_row + b))
                 if slot.doc.truncated:
                     meta.truncated.append(slot.doc.index)
                 self._active[b] = None
         return busy, masked
+
+    def _checkpoint(self, slot: _Slot, b: int, text: np.ndarray, last: bool, meta: ChunkMeta) -> None:
+        """A checkpointed run's bookkeeping for the segment just laid out in slot b (its ids ``text``)."""
+        d = slot.doc.index
+        if slot.resumes:                          # this row reads the saved memory (copied into slot b)
+            meta.resumed.append((meta.steps, b, d))
+            slot.resumes = False
+        p = slot.prefix
+        p.add(text)
+        if last:
+            meta.ends[d] = (p.segments, p.tokens, p.digest())
+        elif slot.k % self.checkpoints.every == 0:
+            meta.saves.append((meta.steps, b, d, (p.segments, p.tokens, p.digest())))
 
     def fill(self, ids: np.ndarray, rows: np.ndarray, ring_slot: int, stop: threading.Event) -> Optional[ChunkMeta]:
         """Lay the next chunk out into ``ids`` [steps, slots, T] and ``rows`` [steps, FIELDS, slots]
@@ -214,7 +271,7 @@ class ChunkLayout:
             meta.width.append(width)
             meta.n_busy.append(n)
             meta.masked.append(masked)
-        if meta.steps == 0 and not meta.failed:
+        if meta.steps == 0 and not meta.failed and not meta.restored:
             return None
         return meta
 
