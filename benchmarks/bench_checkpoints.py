@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import bert_base_cased_config, make_model  # noqa: E402
 
 from rmt_fast import Engine, RMTForSequenceClassification  # noqa: E402
-from rmt_fast.classify_cli import default_model_dir  # noqa: E402
+from rmt_fast.cli_args import default_model_dir  # noqa: E402
 
 
 def build(args):

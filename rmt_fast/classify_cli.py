@@ -20,17 +20,13 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import distributed
-from .cli_args import check_output_dir, positive_int
+from .cli_args import check_output_dir, default_model_dir, device_name, dtype_name, in_flags, positive_int
 from .results_file import ResultsFile
-
-
-def default_model_dir() -> Path:
-    return Path(__file__).resolve().parent / "data" / "default_model"
 
 
 def add_cli(subparsers):
     p = subparsers.add_parser("classify", help="classify long text files",
-                              description=__doc__.split("\n\n")[0].strip("`"))
+                              description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("--model", default=str(default_model_dir()),
                    help="an rmt_fast model folder, or a reference model_best.pth (default: the shipped default model)")
     p.add_argument("--backbone-config", help="config.json (or folder) of a reference checkpoint's backbone")
@@ -44,11 +40,12 @@ def add_cli(subparsers):
     group.add_argument("--resume", action="store_true", default=True,
                        help="skip the inputs --output already answers (the default)")
     group.add_argument("--overwrite", action="store_true", help="discard an existing --output and start over")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each process its LOCAL_RANK GPU)")
-    p.add_argument("--dtype", default="auto", help="auto (the device's best, see rmt-fast info), float32, bfloat16 or float16")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda (under torchrun: each process its LOCAL_RANK GPU)")
+    p.add_argument("--dtype", type=dtype_name, default="auto", help="auto (the device's best, see rmt-fast info), float32, bfloat16 or float16")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 GEMMs on the CPU (weights per channel, activations per token; docs/ARCHITECTURE.md)")
-    p.add_argument("--attention", default="auto")
+    p.add_argument("--attention", default="auto",
+                   help="auto (the best the device runs, see rmt-fast info), cpp, sdpa, matmul or triton")
     p.add_argument("--batch-size", type=positive_int,
                    help="documents side by side (default 8, or the most --max-memory holds)")
     p.add_argument("--max-memory", help="device memory budget, e.g. 10GiB: the most slots whose predicted peak fits")
@@ -196,6 +193,7 @@ def _classify(args, names: List[str]) -> int:
 
     def on_result(i: int, logits, error) -> None:   # in this process's input order, as soon as each is done
         index = todo[i]
+        error = None if error is None else in_flags(error)
         done[0] += 1
         failed[0] += error is not None
         if out is not None:

@@ -89,6 +89,18 @@ def device_name(text: str) -> str:
 device_name.__name__ = "device"
 
 
+# The Engine's errors suggest its keyword arguments; on the command line the same fix is a flag.
+API_HINTS_AS_FLAGS = (("pass empty='special'", "pass --empty special"),
+                      ("pass errors='replace'", "pass --decode-errors replace"))
+
+
+def in_flags(message: str) -> str:
+    """``message`` with the Engine's keyword-argument hints said as the command's flags."""
+    for api, flag in API_HINTS_AS_FLAGS:
+        message = message.replace(api, flag)
+    return message
+
+
 def default_model_dir() -> Path:
     """The shipped model every command uses when --model is not given."""
     return Path(__file__).resolve().parent / "data" / "default_model"
@@ -130,5 +142,5 @@ def run_command(args) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 141
     except (ValueError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {in_flags(str(e))}", file=sys.stderr)
         return 2

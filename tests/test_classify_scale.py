@@ -184,7 +184,7 @@ def test_input_list(model_dir, tmp_path, capsys):
 
 
 def test_default_model(tmp_path, capsys):
-    from rmt_fast.classify_cli import default_model_dir
+    from rmt_fast.cli_args import default_model_dir
 
     f = tmp_path / "doc.txt"
     f.write_text("Mary went to the kitchen. John moved to the garden. Where is Mary? " * 20)

@@ -37,6 +37,9 @@ def test_classify_reports_bad_files_and_keeps_good_results(model_dir, tmp_path, 
     assert [r["input"] for r in rows] == [str(good), str(good2)]
     assert "latin1.txt: not valid UTF-8 at byte 7" in err
     assert "empty.txt: no tokens left" in err and "missing.txt" in err
+    # the fix is said as the flag a command-line user types, not the Engine's keyword argument
+    assert "pass --decode-errors replace" in err and "pass --empty special" in err
+    assert "errors='replace'" not in err and "empty='special'" not in err
     tokenizer = load_tokenizer(d)
     want = torch.softmax(Engine(model).classify_texts([good.read_text(), "the dog ran far away ."], tokenizer), -1)
     for r, p in zip(rows, want):
