@@ -276,7 +276,7 @@ def test_closed_pipe_exits_quietly():
 
 def test_dtype_flag_takes_what_the_engine_takes():
     from rmt_fast.cli_args import DTYPE_NAMES, device_name, dtype_name
-    from rmt_fast.engine.runner import DTYPES
+    from rmt_fast.engine.device_policy import DTYPES
     assert set(DTYPE_NAMES) == set(DTYPES) | {"auto"}          # one list, checked against the Engine's
     assert [dtype_name(x) for x in ("BF16", "auto")] == ["bf16", "auto"]
     assert [device_name(x) for x in ("cpu", "cuda", "cuda:1")] == ["cpu", "cuda", "cuda:1"]

@@ -5,7 +5,8 @@ import torch
 
 from helpers import tiny_model
 from rmt_fast.engine import backends, device_policy
-from rmt_fast.engine.runner import Engine, resolve_dtype
+from rmt_fast.engine.device_policy import resolve_dtype
+from rmt_fast.engine.runner import Engine
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 

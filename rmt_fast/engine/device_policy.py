@@ -1,4 +1,4 @@
-"""What a device can run: the compute dtype ``dtype="auto"`` resolves to, and whether this torch build
+"""What a device can run: the device and dtype names an Engine takes, the compute dtype ``dtype="auto"`` resolves to, and whether this torch build
 has kernels for a GPU at all. One small rule, written down in docs/ARCHITECTURE.md ("dtype auto").
 
 - CUDA, compute capability 8.0+ (Ampere and newer): bfloat16, which those GPUs compute natively.
@@ -24,6 +24,32 @@ FP16_MIN_CAPABILITY = (7, 0)      # float16 tensor cores (Volta); Pascal's fp16 
 # Pins what "auto" resolves to on every device (e.g. float32): the test suite sets float32, the dtype its
 # oracle checks use, so Engine(model) keeps meaning float32 there.
 PIN_VAR = "RMT_FAST_AUTO_DTYPE"
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_device(device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {str(device)!r} was requested but no CUDA GPU is available "
+                               f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {str(device)!r} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+    elif dev.type != "cpu":
+        raise RuntimeError(f"device {str(device)!r} is not supported; use 'cpu' or 'cuda[:N]'")
+    return dev
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ValueError(f"dtype {dtype!r} is not supported; choose auto, float32, bfloat16 or float16")
 
 
 def sm_name(capability: Tuple[int, int]) -> str:

@@ -26,6 +26,7 @@ from ..memory_state import MemoryState
 from ..model import RMTForSequenceClassification
 from ..perfmodel import estimate, parse_size
 from . import device_policy, graphs, reading, run_checkpoints, slot_loop
+from .device_policy import resolve_device, resolve_dtype
 from .options import RunOptions
 from .plan import InferencePlan
 from .slot_loop import OnResult
@@ -34,31 +35,7 @@ from .source_watch import SourceWatch
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 DEFAULT_BATCH = 8             # slots when neither batch_size nor max_memory says
-
-
-def resolve_device(device) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {str(device)!r} was requested but no CUDA GPU is available "
-                               f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None})")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise RuntimeError(f"device {str(device)!r} does not exist: {torch.cuda.device_count()} GPU(s) visible")
-    elif dev.type != "cpu":
-        raise RuntimeError(f"device {str(device)!r} is not supported; use 'cpu' or 'cuda[:N]'")
-    return dev
-
-
-def resolve_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in DTYPES:
-        return DTYPES[dtype.lower()]
-    raise ValueError(f"dtype {dtype!r} is not supported; choose auto, float32, bfloat16 or float16")
 
 
 def _optional_bool(name: str, value) -> Optional[bool]:
