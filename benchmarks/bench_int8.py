@@ -12,6 +12,7 @@ accuracy, and the max |logit - float32 logit| per length.
     python benchmarks/bench_int8.py drift --segments 16,256 --samples 100 --out R.json
 Variants: float32; bfloat16; int8 (bf16 elsewhere, the shipped choice); int8-all (also the last layer's
 [CLS]/memory-row GEMMs); int8-f32 (int8 GEMMs, float32 elsewhere: int8's own error without bf16's).
+``profile`` gives the self CPU time per torch op of one step (torch.profiler), per variant.
 ``kernels`` times the FFN-shaped GEMM as bf16 and as int8, with the int8 layer's parts.
 ``plot`` draws the max logit gap against length from one or more drift JSON files.
 """
@@ -138,6 +139,38 @@ def kernels(args) -> dict:
     return {"machine": machine(), "rows": rows, "shape": [M, K, N]}
 
 
+def profile(args) -> dict:
+    """Self CPU time per torch op of Engine steps (bert-base shape, full 512-token segments), per
+    batch size and variant, from torch.profiler: where the int8 step's time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from rmt_fast.bench import builtin_model
+    torch.manual_seed(0)
+    model = builtin_model(args.layers)
+    S, out = model.config.segment_size, {"machine": machine(), "layers": args.layers, "rows": []}
+    for B in args.batch_sizes:
+        docs = [torch.randint(1000, 20000, (S,)) for _ in range(B)]
+        for n in args.variants:
+            engine = make_engine(model, n)
+            engine.classify(docs, batch_size=B)                                   # warm-up
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                t = time.process_time()
+                engine.classify(docs, batch_size=B)
+                cpu_ms = (time.process_time() - t) * 1e3
+            ops = sorted(((e.key, e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()),
+                         key=lambda r: -r[1])
+            total = sum(ms for _, ms, _ in ops)
+            out["rows"].append({"batch": B, "variant": n, "cpu_ms": cpu_ms, "profiled_ms": total,
+                                "ops": [{"op": k, "self_ms": ms, "calls": c} for k, ms, c in ops],
+                                "loadavg": os.getloadavg()})
+            print(f"B={B} {n}: step CPU {cpu_ms:.1f} ms (profiled self time {total:.1f} ms; load "
+                  f"{os.getloadavg()[0]:.2f})")
+            for k, ms, c in ops[:args.top]:
+                print(f"  {k:44s} {ms:8.2f} ms {100 * ms / total:5.1f}%  {c:6d} calls")
+    return out
+
+
 def drift(args) -> dict:
     from rmt_fast.model import RMTForSequenceClassification
     from rmt_fast.tasks import TaskGenerator, load_tokenizer
@@ -205,6 +238,11 @@ def main() -> None:
     k = sub.add_parser("kernels")
     k.add_argument("--rows", type=int, default=512)
     k.add_argument("--reps", type=int, default=15)
+    f = sub.add_parser("profile")
+    f.add_argument("--layers", type=int, default=12)
+    f.add_argument("--batch-sizes", type=ints, default=[1, 8])
+    f.add_argument("--variants", type=lambda s: s.split(","), default=["bfloat16", "int8"])
+    f.add_argument("--top", type=int, default=14)
     d = sub.add_parser("drift")
     d.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     d.add_argument("--task", default="detect")
@@ -215,12 +253,12 @@ def main() -> None:
                    default=list(VARIANTS))
     g = sub.add_parser("plot")
     g.add_argument("inputs", nargs="+")
-    for q in (s, k, d, g):
+    for q in (s, k, f, d, g):
         q.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     if args.cmd == "plot":
         return plot(args)
-    result = {"speed": speed, "kernels": kernels, "drift": drift}[args.cmd](args)
+    result = {"speed": speed, "kernels": kernels, "profile": profile, "drift": drift}[args.cmd](args)
     result["command"] = "python benchmarks/bench_int8.py " + " ".join(os.sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")

@@ -1,0 +1,266 @@
+// The passes around the int8 GEMM of rmt_fast/engine/quant.py (docs/EXTENSION.md, "int8 passes"):
+//
+//   int8_quantize_rows: x [R, K] (float32/bfloat16/float16) -> q [R, K] int8, scale [R, 1] float32,
+//     scale[r] = max(amax_k |x[r, k]|, FLT_MIN) / 127 (float32), q = round-half-even(x / scale[r]);
+//   int8_dequantize: acc [R, N] int32 -> out [R, N] (float32/bfloat16/float16),
+//     out = act(fma(float(acc) * row_scale[r], col_scale[n], bias[n])) rounded once to out's dtype,
+//     act one of none, gelu (erf) and relu.
+//
+// Each is one pass over memory (a row is read once into cache and written once), where the torch
+// ops they replace made four to six. AVX-512 where ATen runs its own AVX-512 kernels
+// (at::get_cpu_capability(); ATEN_CPU_CAPABILITY=avx2 takes the scalar code, as the tests do), with
+// target attributes so the build flags stay generic (as avx512.h); elsewhere scalar loops that give
+// the same integers and, apart from GELU's erf (std::erf there, a polynomial here), the same floats.
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "../rmt_fast.h"
+
+#include "avx512.h"
+
+namespace rmt_fast {
+namespace {
+
+constexpr float kQMax = 127.f;
+enum class Act { kNone, kGelu, kRelu };
+
+bool int8_avx512() {
+#ifdef RMT_FAST_X86
+  static const bool has = at::get_cpu_capability() == "AVX512";
+  return has;
+#else
+  return false;
+#endif
+}
+
+// Rows per parallel chunk: about 64 KiB of input, so that small problems stay on one thread.
+int64_t grain_rows(int64_t row_elems) { return std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(row_elems, 1)); }
+
+// --- scalar --------------------------------------------------------------------------------------
+
+template <typename T>
+void quantize_row_scalar(const T* x, int64_t K, int8_t* q, float* scale) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(float(x[k])));
+  const float s = std::max(amax, FLT_MIN) / kQMax;
+  for (int64_t k = 0; k < K; ++k) q[k] = static_cast<int8_t>(std::nearbyint(float(x[k]) / s));
+  *scale = s;
+}
+
+inline float act_scalar(Act act, float y) {
+  switch (act) {
+    case Act::kGelu:
+      return 0.5f * y * (1.f + std::erf(y * 0.70710678118654752f));
+    case Act::kRelu:
+      return y > 0.f ? y : 0.f;
+    default:
+      return y;
+  }
+}
+
+template <typename T>
+void dequantize_row_scalar(const int32_t* acc, int64_t N, float sx, const float* sw, const float* bias,
+                           Act act, T* out) {
+  for (int64_t n = 0; n < N; ++n) {
+    const float y = std::fma(float(acc[n]) * sx, sw[n], bias[n]);
+    out[n] = static_cast<T>(act_scalar(act, y));  // c10: round to nearest even
+  }
+}
+
+// --- AVX-512 -------------------------------------------------------------------------------------
+#ifdef RMT_FAST_X86
+
+// AVX-512 with the byte/word and dq instructions (BW, VL, DQ): ATen's AVX512 capability requires them.
+#define RMT_AVX512_BW __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+
+template <typename T>
+RMT_AVX512_BW static inline __m512 load16(const T* p, __mmask16 k) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(k, p);
+  } else {
+    const __m256i h = _mm256_maskz_loadu_epi16(k, p);
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else {
+      return _mm512_cvtph_ps(h);
+    }
+  }
+}
+
+template <typename T>
+RMT_AVX512_BW void quantize_row_avx512(const T* x, int64_t K, int8_t* q, float* scale) {
+  __m512 m0 = _mm512_setzero_ps(), m1 = m0;
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    m0 = _mm512_max_ps(m0, _mm512_abs_ps(load16(x + k, 0xffff)));
+    m1 = _mm512_max_ps(m1, _mm512_abs_ps(load16(x + k + 16, 0xffff)));
+  }
+  for (; k < K; k += 16) m0 = _mm512_max_ps(m0, _mm512_abs_ps(load16(x + k, tail_mask(std::min<int64_t>(16, K - k)))));
+  const float s = std::max(_mm512_reduce_max_ps(_mm512_max_ps(m0, m1)), FLT_MIN) / kQMax;
+  const __m512 vs = _mm512_set1_ps(s);
+  for (k = 0; k < K; k += 16) {
+    const __mmask16 m = tail_mask(std::min<int64_t>(16, K - k));
+    // a true division (not a multiply by 1/s): the integers are those of round(x / s)
+    const __m512 v = _mm512_div_ps(load16(x + k, m), vs);
+    const __m512i i = _mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_mask_storeu_epi8(q + k, m, _mm512_cvtsepi32_epi8(i));
+  }
+  *scale = s;
+}
+
+// erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7, as ATen's vectorised erf), with
+// 1 / (1 + p|x|) by rcp14 and one Newton step and exp(-x^2) by exp2_512.
+RMT_AVX512_BW static inline __m512 erf_512(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 a = _mm512_abs_ps(x);
+  const __m512 d = _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a, one);
+  __m512 t = _mm512_rcp14_ps(d);
+  t = _mm512_mul_ps(t, _mm512_fnmadd_ps(d, t, _mm512_set1_ps(2.f)));
+  __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
+  const __m512 e = exp2_512(_mm512_mul_ps(_mm512_mul_ps(a, a), _mm512_set1_ps(-1.4426950408889634f)));
+  const __m512 y = _mm512_fnmadd_ps(_mm512_mul_ps(r, t), e, one);  // erf(|x|)
+  return _mm512_or_ps(y, _mm512_and_ps(x, _mm512_set1_ps(-0.f)));  // sign of x
+}
+
+template <Act kAct, typename T>
+RMT_AVX512_BW void dequantize_row_avx512(const int32_t* acc, int64_t N, float sx, const float* sw,
+                                      const float* bias, T* out) {
+  const __m512 vsx = _mm512_set1_ps(sx);
+  for (int64_t n = 0; n < N; n += 16) {
+    const int64_t count = std::min<int64_t>(16, N - n);
+    const __mmask16 m = tail_mask(count);
+    const __m512 a = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, acc + n));
+    __m512 y = _mm512_fmadd_ps(_mm512_mul_ps(a, vsx), _mm512_maskz_loadu_ps(m, sw + n),
+                               _mm512_maskz_loadu_ps(m, bias + n));
+    if constexpr (kAct == Act::kGelu) {
+      const __m512 half_y = _mm512_mul_ps(y, _mm512_set1_ps(0.5f));
+      y = _mm512_fmadd_ps(half_y, erf_512(_mm512_mul_ps(y, _mm512_set1_ps(0.70710678118654752f))), half_y);
+    } else if constexpr (kAct == Act::kRelu) {
+      y = _mm512_max_ps(y, _mm512_setzero_ps());
+    }
+    store16(out + n, y, count);
+  }
+}
+
+#endif  // RMT_FAST_X86
+
+// --- the ops -------------------------------------------------------------------------------------
+
+void check_rows(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 2, "rmt_fast::", op, ": ", name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "rmt_fast::", op, ": ", name,
+              " must have stride 1 in its last dimension, got strides ", t.strides());
+  TORCH_CHECK(t.device().is_cpu(), "rmt_fast::", op, ": ", name, " must be a CPU tensor, got ", t.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> int8_quantize_rows_cpu(const at::Tensor& x) {
+  const char* op = "int8_quantize_rows";
+  check_rows(op, "x", x);
+  const int64_t R = x.size(0), K = x.size(1), ld = x.stride(0);
+  at::Tensor q = at::empty({R, K}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({R, 1}, x.options().dtype(at::kFloat));
+  if (R == 0) return {q, scale};
+  int8_t* qd = q.data_ptr<int8_t>();
+  float* sd = scale.data_ptr<float>();
+  const bool avx = int8_avx512();
+  dispatch_float<false>(x.scalar_type(), "rmt_fast::int8_quantize_rows: x", [&](auto zero) {
+    using T = decltype(zero);
+    const T* xd = x.const_data_ptr<T>();
+    at::parallel_for(0, R, grain_rows(K), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+#ifdef RMT_FAST_X86
+        if (avx) {
+          quantize_row_avx512(xd + r * ld, K, qd + r * K, sd + r);
+          continue;
+        }
+#endif
+        quantize_row_scalar(xd + r * ld, K, qd + r * K, sd + r);
+      }
+    });
+  });
+  return {q, scale};
+}
+
+Act parse_act(const std::string& a) {
+  if (a == "none") return Act::kNone;
+  if (a == "gelu") return Act::kGelu;
+  if (a == "relu") return Act::kRelu;
+  TORCH_CHECK(false, "rmt_fast::int8_dequantize: activation must be 'none', 'gelu' or 'relu', got '", a, "'");
+}
+
+void int8_dequantize_cpu(const at::Tensor& acc, const at::Tensor& row_scale, const at::Tensor& col_scale,
+                         const at::Tensor& bias, c10::string_view activation, at::Tensor& out) {
+  const char* op = "int8_dequantize";
+  check_rows(op, "acc", acc);
+  check_rows(op, "out", out);
+  const int64_t R = acc.size(0), N = acc.size(1);
+  TORCH_CHECK(acc.scalar_type() == at::kInt, "rmt_fast::", op, ": acc must be int32, got ", acc.scalar_type());
+  TORCH_CHECK(out.size(0) == R && out.size(1) == N, "rmt_fast::", op, ": out must have shape (R, N) = [", R,
+              ", ", N, "], got ", out.sizes());
+  TORCH_CHECK(row_scale.numel() == R && row_scale.is_contiguous() && row_scale.scalar_type() == at::kFloat,
+              "rmt_fast::", op, ": row_scale must be contiguous float32 with R = ", R, " values, got ",
+              row_scale.scalar_type(), " of shape ", row_scale.sizes());
+  auto check_vector = [&](const char* name, const at::Tensor& t) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == N && t.is_contiguous() && t.scalar_type() == at::kFloat,
+                "rmt_fast::", op, ": ", name, " must be contiguous float32 of shape (N) = [", N, "], got ",
+                t.scalar_type(), " of shape ", t.sizes());
+  };
+  check_vector("col_scale", col_scale);
+  check_vector("bias", bias);
+  const Act act = parse_act(std::string(activation));
+  if (R == 0 || N == 0) return;
+  const int32_t* ad = acc.const_data_ptr<int32_t>();
+  const float* sx = row_scale.const_data_ptr<float>();
+  const float* sw = col_scale.const_data_ptr<float>();
+  const float* bd = bias.const_data_ptr<float>();
+  const int64_t lda = acc.stride(0), ldo = out.stride(0);
+  const bool avx = int8_avx512();
+  dispatch_float<false>(out.scalar_type(), "rmt_fast::int8_dequantize: out", [&](auto zero) {
+    using T = decltype(zero);
+    T* od = out.data_ptr<T>();
+    at::parallel_for(0, R, grain_rows(N), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int32_t* a = ad + r * lda;
+        T* o = od + r * ldo;
+#ifdef RMT_FAST_X86
+        if (avx) {
+          switch (act) {
+            case Act::kGelu:
+              dequantize_row_avx512<Act::kGelu>(a, N, sx[r], sw, bd, o);
+              break;
+            case Act::kRelu:
+              dequantize_row_avx512<Act::kRelu>(a, N, sx[r], sw, bd, o);
+              break;
+            default:
+              dequantize_row_avx512<Act::kNone>(a, N, sx[r], sw, bd, o);
+          }
+          continue;
+        }
+#endif
+        dequantize_row_scalar(a, N, sx[r], sw, bd, act, o);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rmt_fast, CPU, m) {
+  m.impl("int8_quantize_rows", &int8_quantize_rows_cpu);
+  m.impl("int8_dequantize", &int8_dequantize_cpu);
+}
+
+}  // namespace rmt_fast
