@@ -1,7 +1,7 @@
 """int8 against bf16 and float32 on the CPU: speed (bert-base shape) and drift (the shipped model).
 
 Times are wall clock and process CPU time (on a shared machine, CPU time at one thread is the
-cost that time-sharing does not inflate). speed: ms per step of Engine bfloat16 and Engine bfloat16 + int8, interleaved in one process, on
+cost that time-sharing does not inflate). speed: ms per step (median of --reps) of Engine bfloat16, bfloat16 + int8 and float32 (--variants), interleaved in one process, on
 bert-base-shaped random weights (``rmt_fast.bench.builtin_model``), full 512-token segments, plus the
 GEMM weights' bytes against float32.
     python benchmarks/bench_int8.py speed --layers 12 --batch-sizes 1,8 --segments 2 --out R.json
@@ -74,33 +74,42 @@ def speed(args) -> dict:
     from rmt_fast.bench import builtin_model
     torch.manual_seed(0)
     model = builtin_model(args.layers)
-    names = ["bfloat16", "int8"]
+    names = args.variants
     engines = {n: make_engine(model, n) for n in names}
     S, rows = model.config.segment_size, []
+    med = lambda v: sorted(v)[len(v) // 2]                                    # noqa: E731
     for B in args.batch_sizes:
         docs = [torch.randint(1000, 20000, (S * args.segments,)) for _ in range(B)]
         for e in engines.values():
             e.classify(docs[:B], batch_size=B)                                # warm-up
         times = {n: [] for n in names}
         cpu = {n: [] for n in names}
+        loads = []
         for _ in range(args.reps):                                            # interleaved
             for n, e in engines.items():
                 t, c = time.perf_counter(), time.process_time()
                 e.classify(docs, batch_size=B)
                 times[n].append((time.perf_counter() - t) * 1e3 / args.segments)
                 cpu[n].append((time.process_time() - c) * 1e3 / args.segments)
-        row = {"batch": B, **{f"{n}_ms": min(v) for n, v in times.items()},
-               **{f"{n}_cpu_ms": min(v) for n, v in cpu.items()}, "all_ms": times, "all_cpu_ms": cpu,
-               "loadavg": os.getloadavg()}
-        row["speedup"] = row["bfloat16_ms"] / row["int8_ms"]
-        row["cpu_speedup"] = row["bfloat16_cpu_ms"] / row["int8_cpu_ms"]
+            loads.append(os.getloadavg()[0])
+        row = {"batch": B, **{f"{n}_ms": med(v) for n, v in times.items()},
+               **{f"{n}_cpu_ms": med(v) for n, v in cpu.items()}, "all_ms": times, "all_cpu_ms": cpu,
+               "loadavg_per_rep": loads, "statistic": "median"}
+        for n in names:
+            if n != "int8" and "int8" in names:
+                row[f"{n}_over_int8"] = row[f"{n}_ms"] / row["int8_ms"]
+                row[f"{n}_over_int8_cpu"] = row[f"{n}_cpu_ms"] / row["int8_cpu_ms"]
         rows.append(row)
-        print(f"B={B}: wall bf16 {row['bfloat16_ms']:.1f} ms/step, int8 {row['int8_ms']:.1f}, "
-              f"bf16/int8 {row['speedup']:.2f}x; CPU time bf16 {row['bfloat16_cpu_ms']:.1f}, int8 "
-              f"{row['int8_cpu_ms']:.1f}, {row['cpu_speedup']:.2f}x; load {row['loadavg']}", flush=True)
+        print(f"B={B}, {torch.get_num_threads()} thread(s), load {min(loads):.1f}-{max(loads):.1f}, medians of "
+              f"{args.reps}: " + "; ".join(f"{n} wall {row[n + '_ms']:.1f} CPU {row[n + '_cpu_ms']:.1f} ms"
+                                          for n in names), flush=True)
+        print("  over int8 (wall, CPU): " + ", ".join(
+            f"{n} {row[n + '_over_int8']:.2f}x {row[n + '_over_int8_cpu']:.2f}x" for n in names if n + "_over_int8" in row),
+            flush=True)
     out = {"machine": machine(), "layers": args.layers, "segments": args.segments, "rows": rows,
-           "weights": {n: gemm_bytes(e.plan) for n, e in engines.items()},
-           "int8_gemms": engines["int8"].plan.int8_gemms, "quantize_status": engines["int8"].plan.quantize_status}
+           "weights": {n: gemm_bytes(e.plan) for n, e in engines.items()}}
+    if "int8" in engines:
+        out.update(int8_gemms=engines["int8"].plan.int8_gemms, quantize_status=engines["int8"].plan.quantize_status)
     print(json.dumps(out["weights"]))
     return out
 
@@ -235,6 +244,7 @@ def main() -> None:
     s.add_argument("--batch-sizes", type=ints, default=[1, 8])
     s.add_argument("--segments", type=int, default=2)
     s.add_argument("--reps", type=int, default=3)
+    s.add_argument("--variants", type=lambda s: s.split(","), default=["bfloat16", "int8", "float32"])
     k = sub.add_parser("kernels")
     k.add_argument("--rows", type=int, default=512)
     k.add_argument("--reps", type=int, default=15)

@@ -48,8 +48,16 @@ def export(model, folder: Path, seq: int) -> dict:
     ids = torch.randint(1000, 20000, (1, seq))
     mask = torch.ones(1, seq, dtype=torch.int64)
     raw = folder / "bert.onnx"
+    class Encoder(torch.nn.Module):                       # keyword arguments: BertModel's order varies
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
     with torch.no_grad():
-        torch.onnx.export(bert, (ids, mask), str(raw), input_names=["input_ids", "attention_mask"],
+        torch.onnx.export(Encoder().eval(), (ids, mask), str(raw), input_names=["input_ids", "attention_mask"],
                           output_names=["last_hidden_state"], opset_version=17, dynamo=False,
                           dynamic_axes={"input_ids": {0: "B"}, "attention_mask": {0: "B"},
                                         "last_hidden_state": {0: "B"}})
@@ -65,7 +73,10 @@ def export(model, folder: Path, seq: int) -> dict:
     except Exception as e:                                   # the plain export still runs
         notes.append(f"ORT BERT optimizer not applied ({type(e).__name__}: {e})")
     int8 = folder / "bert-int8.onnx"
-    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+    # shape inference cannot type the outputs of ORT's fused (com.microsoft) ops: they are float32
+    import onnx
+    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return {"paths": {"ort_fp32": fp32, "ort_int8": int8}, "notes": notes}
 
 
