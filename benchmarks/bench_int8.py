@@ -114,22 +114,44 @@ def speed(args) -> dict:
     return out
 
 
+def fbgemm_linear(w: torch.Tensor, b: torch.Tensor):
+    """fbgemm's dynamic int8 linear (torch.ao dynamic quantization): int8 weights per channel, the
+    activation quantized at run time to uint8 with ONE scale and zero point for the whole tensor;
+    float32 in and out. None where this torch has no fbgemm."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return None
+    torch.backends.quantized.engine = "fbgemm"
+    sw = w.abs().amax(1) / 127
+    qw = torch.quantize_per_channel(w, sw.double(), torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+    packed = torch.ops.quantized.linear_prepack(qw, b)
+    return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)
+
+
 def kernels(args) -> dict:
-    """The FFN input GEMM (rows x 768 @ 768 x 3072, GELU) as bf16 oneDNN and as Int8Linear, and the
-    int8 layer's parts, interleaved; best and median of ``reps`` ms."""
+    """The FFN input GEMM (rows x 768 @ 768 x 3072, GELU) as bf16 oneDNN, as Int8Linear and as fbgemm's
+    dynamic int8 linear, and the int8 layer's parts, interleaved; best and median of ``reps`` ms."""
+    from rmt_fast import _ext
     from rmt_fast.engine.linear import Linear
     from rmt_fast.engine.quant import Int8Linear, quantize_rows
     M, K, N = args.rows, 768, 3072
     x = torch.randn(M, K).to(torch.bfloat16)
     w, b = torch.randn(N, K) / K ** 0.5, torch.randn(N)
     int8, bf16 = Int8Linear(w, b, "gelu"), Linear(w.to(torch.bfloat16), b.to(torch.bfloat16), "gelu", pack=True)
-    qx, sx = quantize_rows(x)
+    blk = min(M, quant.ROW_BLOCK)
+    qx, sx = quantize_rows(x[:blk])
     acc = torch._int_mm(qx, int8.qweight_t)
-    y = torch.addcmul(int8.bias, acc * sx, int8.weight_scale)
-    cases = {"bf16 packed GEMM + GELU": lambda: bf16(x), "Int8Linear (all below)": lambda: int8(x),
-             "quantize activations": lambda: quantize_rows(x), "torch._int_mm": lambda: torch._int_mm(qx, int8.qweight_t),
-             "dequantize (acc * sx * sw + bias)": lambda: torch.addcmul(int8.bias, acc.float().mul_(sx), int8.weight_scale),
-             "GELU float32": lambda: torch.nn.functional.gelu(y), "to bfloat16": lambda: y.to(torch.bfloat16)}
+    out = torch.empty(blk, N, dtype=torch.bfloat16)
+    n_blocks = -(-M // blk)
+    cases = {"bf16 packed GEMM + GELU": lambda: bf16(x), "Int8Linear + GELU (all below)": lambda: int8(x),
+             f"quantize activations ({n_blocks} x {blk} rows)": lambda: [quantize_rows(x[:blk]) for _ in range(n_blocks)],
+             f"torch._int_mm ({n_blocks} x {blk} rows)": lambda: [torch._int_mm(qx, int8.qweight_t) for _ in range(n_blocks)],
+             f"dequantize + bias + GELU + bf16 ({n_blocks} x {blk} rows)": lambda: [
+                 _ext.int8_dequantize(acc, sx, int8.weight_scale, int8.bias, "gelu", out) for _ in range(n_blocks)]}
+    fbgemm = fbgemm_linear(w, b)
+    if fbgemm is not None:
+        xf = x.float()
+        cases["fbgemm dynamic linear, float32 in/out"] = lambda: fbgemm(xf)
+        cases["fbgemm dynamic linear + GELU + bf16 casts"] = lambda: torch.nn.functional.gelu(fbgemm(x.float())).to(torch.bfloat16)
     times = {k: [] for k in cases}
     for f in cases.values():
         f()
@@ -143,7 +165,7 @@ def kernels(args) -> dict:
     rows = {k: {"best_ms": min(v), "median_ms": sorted(v)[len(v) // 2], "best_cpu_ms": min(cpu[k]),
                 "median_cpu_ms": sorted(cpu[k])[len(v) // 2]} for k, v in times.items()}
     for k, r in rows.items():
-        print(f"{k:36s} wall best {r['best_ms']:7.2f} median {r['median_ms']:7.2f} ms; "
+        print(f"{k:52s} wall best {r['best_ms']:7.2f} median {r['median_ms']:7.2f} ms; "
               f"CPU best {r['best_cpu_ms']:7.2f} median {r['median_cpu_ms']:7.2f} ms")
     return {"machine": machine(), "rows": rows, "shape": [M, K, N]}
 
