@@ -216,3 +216,55 @@ def test_capability_in_subprocess():
     if want is None:
         pytest.skip("checked in the subprocess of test_scalar_code_without_avx512")
     assert torch.backends.cpu.get_cpu_capability() == want
+
+
+def int8_linear_oracle(lin, x, act):
+    """float64: the oracle's quantization of x (where x / scale is within float32 rounding of a tie,
+    the layer's own integer, either being right; bfloat16 inputs make such near-ties common), the
+    layer's int8 weight, exact sums, dequantization, then act."""
+    from transformers.activations import ACT2FN
+    rows = x.reshape(-1, lin.in_features)
+    qx, sx = oracle_quantize(rows)
+    tie = near_tie(rows, sx)
+    q_layer = _ext.int8_quantize_rows(rows)[0].double()
+    assert (q_layer == qx)[~tie].all()
+    qx = torch.where(tie, q_layer, qx)
+    acc = qx @ lin.qweight_t.double()                                           # exact in float64
+    y = acc * sx * lin.weight_scale.double() + lin.bias.double()
+    return y if act is None else ACT2FN[act](y)
+
+
+@pytest.mark.parametrize("act", [None, "gelu", "gelu_new"])                  # gelu_new: not fused
+def test_int8_linear_runs_on_the_ops(act, monkeypatch):
+    """Int8Linear through the ops (compiled where built) and through the twins (as without rmt_fast._C):
+    both within one bfloat16 rounding of the float64 oracle of the same quantization, at 600 rows
+    (three row blocks) and an odd width."""
+    from rmt_fast.engine.quant import Int8Linear, int8_available
+    if int8_available(torch.device("cpu")):
+        pytest.skip(int8_available(torch.device("cpu")))
+    x = torch.randn(2, 300, 77).to(torch.bfloat16)
+    lin = Int8Linear(torch.randn(45, 77), torch.randn(45), act, out_dtype=torch.bfloat16)
+    got = {"ops": (lin(x), int8_linear_oracle(lin, x, act).view(2, 300, 45))}
+    monkeypatch.setattr(_ext, "int8_quantize_rows", _ext.int8_quantize_rows_torch)
+    monkeypatch.setattr(_ext, "int8_dequantize", lambda *a: _ext.int8_dequantize_torch(*a) or a[-1])
+    got["twins"] = (lin(x), int8_linear_oracle(lin, x, act).view(2, 300, 45))
+    for name, (y, want) in got.items():
+        err = (y.double() - want).abs()
+        assert (err <= bf16_half_ulp(want) * 1.01 + 1e-6).all(), (name, err.max().item())
+
+
+@pytest.mark.skipif(not COMPILED, reason="no compiled int8 kernels")
+def test_int8_linear_calls_the_fused_kernels_only():
+    """One quantize and one dequantize per row block, and no torch-level elementwise pass (the point)."""
+    from torch.profiler import profile
+
+    from rmt_fast.engine.quant import Int8Linear
+    lin = Int8Linear(torch.randn(64, 48), torch.randn(64), "gelu", out_dtype=torch.bfloat16)
+    x = torch.randn(600, 48).to(torch.bfloat16)
+    with profile() as prof:
+        lin(x)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get("rmt_fast::int8_quantize_rows") == 3 and calls.get("rmt_fast::int8_dequantize") == 3
+    assert calls.get("aten::_int_mm") == 3
+    for op in ("aten::gelu", "aten::addcmul", "aten::mul_", "aten::div_", "aten::abs", "aten::copy_"):
+        assert op not in calls, op

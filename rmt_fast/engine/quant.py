@@ -7,6 +7,9 @@
 - ``y[r, n] = scale_x[r] * scale_w[n] * sum_k q_x[r, k] q_w[n, k] + bias[n]``: the sum is exact (int32),
   the rest in float32, rounded once to the plan's dtype at the end (after the activation, as the bf16
   path's fused GELU does).
+- The passes around the GEMM are one fused kernel each (csrc/cpu/int8.cpp through ``rmt_fast._ext``):
+  quantize per token, and dequantize + scales + bias + GELU/ReLU + cast; where the extension is not
+  built their torch twins run the same arithmetic as several torch ops (slower; same integers).
 
 Why ``torch._int_mm`` and not fbgemm's dynamic linear (``torch.ops.quantized.linear_dynamic``) nor
 oneDNN's ``qlinear_pointwise``: fbgemm quantizes activations with one scale for the whole tensor
@@ -98,11 +101,13 @@ def check_quantize(quantize: Optional[str], device: torch.device) -> Optional[st
     why_not = int8_available(device)
     if why_not:
         raise ValueError(f"int8 (quantize='int8', --quantize int8) is not possible here: {why_not}")
+    passes = ("fused quantize/dequantize kernels" if _ext.int8_kernels_compiled() else
+              "quantize/dequantize as torch ops: rmt_fast._C is not built, slower")
     isa = cpu_int8_isa()
     if isa is None:
         return ("int8 (torch._int_mm; this CPU has no VNNI/AMX int8 instructions: oneDNN's slower int8 "
-                "path, likely slower than bfloat16)")
-    return f"int8 (torch._int_mm, {isa})"
+                f"path, likely slower than bfloat16; {passes})")
+    return f"int8 (torch._int_mm, {isa}; {passes})"
 
 
 def int8_gemm(name: str, last_layer: bool) -> bool:
