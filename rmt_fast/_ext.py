@@ -28,7 +28,7 @@ __all__ = [
     "segment_embed", "segment_embed_torch", "memory_write", "memory_write_torch",
     "attention", "attention_op", "attention_torch", "attention_why_unavailable",
     "INT8_SCHEMAS", "int8_quantize_rows", "int8_quantize_rows_torch", "int8_dequantize", "int8_dequantize_torch",
-    "int8_kernels_compiled",
+    "int8_linear", "int8_linear_torch", "int8_kernels_compiled",
 ]
 
 SCHEMAS = {
@@ -47,6 +47,9 @@ INT8_SCHEMAS = {
     # out [R, N] = act(acc * row_scale * col_scale + bias), act 'none', 'gelu' (erf) or 'relu'
     "int8_dequantize": "int8_dequantize(Tensor acc, Tensor row_scale, Tensor col_scale, Tensor bias, "
                        "str activation, Tensor(a!) out) -> ()",
+    # out [R, N] = the two above around torch._int_mm (qweight_t [K, N] int8), per block of row_block rows
+    "int8_linear": "int8_linear(Tensor x, Tensor qweight_t, Tensor weight_scale, Tensor bias, str activation, "
+                   "int row_block, Tensor(a!) out) -> ()",
 }
 INT8_ACTIVATIONS = ("none", "gelu", "relu")
 
@@ -240,13 +243,25 @@ def int8_dequantize_torch(acc, row_scale, col_scale, bias, activation, out):
     out.copy_(y)
 
 
+def int8_linear_torch(x, qweight_t, weight_scale, bias, activation, row_block, out):
+    """out [R, N] = dequantize(torch._int_mm(quantize_rows(x), qweight_t)) per block of ``row_block``
+    rows: x [R, K] float, qweight_t [K, N] int8, weight_scale and bias [N] float32. Returns None."""
+    if row_block < 1:
+        _fail("int8_linear", f"row_block must be >= 1, got {row_block}")
+    if activation not in INT8_ACTIVATIONS:
+        _fail("int8_linear", f"activation must be 'none', 'gelu' or 'relu', got '{activation}'")
+    for r in range(0, x.shape[0], row_block):
+        q, scale = int8_quantize_rows_torch(x[r:r + row_block])
+        int8_dequantize_torch(torch._int_mm(q, qweight_t), scale, weight_scale, bias, activation, out[r:r + row_block])
+
+
 def _segment_embed_twin_kernel(*args) -> None:  # the schema returns nothing
     segment_embed_torch(*args)
 
 
 _TWINS = {"segment_embed": _segment_embed_twin_kernel, "memory_write": memory_write_torch,
           "attention": attention_torch, "int8_quantize_rows": int8_quantize_rows_torch,
-          "int8_dequantize": int8_dequantize_torch}
+          "int8_dequantize": int8_dequantize_torch, "int8_linear": int8_linear_torch}
 
 
 # --- loading rmt_fast._C and registering the twins where it has no kernel -------------------------
@@ -422,6 +437,12 @@ def int8_quantize_rows(x):
 def int8_dequantize(acc, row_scale, col_scale, bias, activation, out):
     """torch.ops.rmt_fast.int8_dequantize (semantics: int8_dequantize_torch); returns out."""
     torch.ops.rmt_fast.int8_dequantize(acc, row_scale, col_scale, bias, activation, out)
+    return out
+
+
+def int8_linear(x, qweight_t, weight_scale, bias, activation, row_block, out):
+    """torch.ops.rmt_fast.int8_linear (semantics: int8_linear_torch); returns out."""
+    torch.ops.rmt_fast.int8_linear(x, qweight_t, weight_scale, bias, activation, int(row_block), out)
     return out
 
 

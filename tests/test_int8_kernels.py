@@ -247,6 +247,7 @@ def test_int8_linear_runs_on_the_ops(act, monkeypatch):
     got = {"ops": (lin(x), int8_linear_oracle(lin, x, act).view(2, 300, 45))}
     monkeypatch.setattr(_ext, "int8_quantize_rows", _ext.int8_quantize_rows_torch)
     monkeypatch.setattr(_ext, "int8_dequantize", lambda *a: _ext.int8_dequantize_torch(*a) or a[-1])
+    monkeypatch.setattr(_ext, "int8_linear", lambda *a: _ext.int8_linear_torch(*a) or a[-1])
     got["twins"] = (lin(x), int8_linear_oracle(lin, x, act).view(2, 300, 45))
     for name, (y, want) in got.items():
         err = (y.double() - want).abs()
@@ -255,7 +256,8 @@ def test_int8_linear_runs_on_the_ops(act, monkeypatch):
 
 @pytest.mark.skipif(not COMPILED, reason="no compiled int8 kernels")
 def test_int8_linear_calls_the_fused_kernels_only():
-    """One quantize and one dequantize per row block, and no torch-level elementwise pass (the point)."""
+    """One op per layer call (quantize, GEMM and dequantize per row block inside it), and no torch-level
+    elementwise pass (the point)."""
     from torch.profiler import profile
 
     from rmt_fast.engine.quant import Int8Linear
@@ -264,7 +266,35 @@ def test_int8_linear_calls_the_fused_kernels_only():
     with profile() as prof:
         lin(x)
     calls = {e.key: e.count for e in prof.key_averages()}
-    assert calls.get("rmt_fast::int8_quantize_rows") == 3 and calls.get("rmt_fast::int8_dequantize") == 3
-    assert calls.get("aten::_int_mm") == 3
-    for op in ("aten::gelu", "aten::addcmul", "aten::mul_", "aten::div_", "aten::abs", "aten::copy_"):
+    assert calls.get("rmt_fast::int8_linear") == 1
+    for op in ("aten::gelu", "aten::addcmul", "aten::mul_", "aten::div_", "aten::abs", "aten::copy_",
+               "rmt_fast::int8_quantize_rows", "rmt_fast::int8_dequantize"):
         assert op not in calls, op
+
+
+@impls
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+@pytest.mark.parametrize("R,row_block", [(1, 256), (7, 3), (499, 64), (600, 256)])
+def test_int8_linear_op_is_its_parts_per_row_block(impl, activation, R, row_block):
+    """int8_linear = quantize, torch._int_mm, dequantize on each block of rows: bit-equal to the parts,
+    at 1 and 2 threads (blocks on different threads)."""
+    op = torch.ops.rmt_fast.int8_linear if impl == "compiled" else _ext.int8_linear_torch
+    K, N = 33, 45
+    x = torch.randn(R, K).to(torch.bfloat16)
+    qw = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    sw, bias = torch.rand(N) * 1e-2, torch.randn(N)
+    want = torch.empty(R, N, dtype=torch.bfloat16)
+    for r in range(0, R, row_block):
+        q, s = IMPLS[impl][0](x[r:r + row_block])
+        IMPLS[impl][1](torch._int_mm(q, qw.t()), s, sw, bias, activation, want[r:r + row_block])
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = torch.full((R, N), float("nan"), dtype=torch.bfloat16)
+            op(x, qw.t(), sw, bias, activation, row_block, out)
+            assert torch.equal(out, want), n
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError, match="int8_linear: row_block must be >= 1"):
+        op(x, qw.t(), sw, bias, activation, 0, out)

@@ -4,7 +4,10 @@
 //     scale[r] = max(amax_k |x[r, k]|, FLT_MIN) / 127 (float32), q = round-half-even(x / scale[r]);
 //   int8_dequantize: acc [R, N] int32 -> out [R, N] (float32/bfloat16/float16),
 //     out = act(fma(float(acc) * row_scale[r], col_scale[n], bias[n])) rounded once to out's dtype,
-//     act one of none, gelu (erf) and relu.
+//     act one of none, gelu (erf) and relu;
+//   int8_linear: the two around at::_int_mm, per block of rows, one block per task of ONE parallel
+//     region (each thread quantizes, multiplies and dequantizes its own blocks, so the int32 sums stay
+//     in its cache and the GEMM costs one barrier, not three per block).
 //
 // Each is one pass over memory (a row is read once into cache and written once), where the torch
 // ops they replace made four to six. AVX-512 where ATen runs its own AVX-512 kernels
@@ -14,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_int_mm.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -256,11 +260,39 @@ void int8_dequantize_cpu(const at::Tensor& acc, const at::Tensor& row_scale, con
   });
 }
 
+// out [R, N] = act(x [R, K] @ W^T * scales + bias), W given as qweight_t [K, N] int8 (any strides)
+// with its per-channel weight_scale [N]; blocks of row_block rows, each on one thread (the ops
+// inside a parallel region run on the calling thread).
+void int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight_t, const at::Tensor& weight_scale,
+                     const at::Tensor& bias, c10::string_view activation, int64_t row_block, at::Tensor& out) {
+  const char* op = "int8_linear";
+  check_rows(op, "x", x);
+  check_rows(op, "out", out);
+  TORCH_CHECK(qweight_t.dim() == 2 && qweight_t.scalar_type() == at::kChar && qweight_t.size(0) == x.size(1),
+              "rmt_fast::", op, ": qweight_t must be int8 of shape (K, N) with K = ", x.size(1), ", got ",
+              qweight_t.scalar_type(), " of shape ", qweight_t.sizes());
+  TORCH_CHECK(row_block >= 1, "rmt_fast::", op, ": row_block must be >= 1, got ", row_block);
+  const int64_t R = x.size(0);
+  TORCH_CHECK(out.size(0) == R && out.size(1) == qweight_t.size(1), "rmt_fast::", op,
+              ": out must have shape (R, N) = [", R, ", ", qweight_t.size(1), "], got ", out.sizes());
+  parse_act(std::string(activation));  // checked before any work
+  const int64_t blocks = (R + row_block - 1) / row_block;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t r0 = b * row_block, rows = std::min(row_block, R - r0);
+      auto [q, scale] = int8_quantize_rows_cpu(x.narrow(0, r0, rows));
+      at::Tensor block_out = out.narrow(0, r0, rows);
+      int8_dequantize_cpu(at::_int_mm(q, qweight_t), scale, weight_scale, bias, activation, block_out);
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rmt_fast, CPU, m) {
   m.impl("int8_quantize_rows", &int8_quantize_rows_cpu);
   m.impl("int8_dequantize", &int8_dequantize_cpu);
+  m.impl("int8_linear", &int8_linear_cpu);
 }
 
 }  // namespace rmt_fast

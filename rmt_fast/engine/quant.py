@@ -147,20 +147,24 @@ class Int8Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., K] -> [..., N] in ``out_dtype``."""
         lead, rows = x.shape[:-1], x.reshape(-1, self.in_features)             # [R, K]
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
         out = torch.empty(rows.shape[0], self.out_features, dtype=self.out_dtype, device=x.device)
-        # Blocks of rows keep the int32 intermediate in cache (measured: a batch of 8 segments in
-        # one piece took 2.3x the CPU time of 8 single segments, docs/PERF.md).
-        for r in range(0, rows.shape[0], ROW_BLOCK):
-            self._block(rows[r:r + ROW_BLOCK], out[r:r + ROW_BLOCK])
+        # Blocks of rows keep the int32 sums in cache (measured: a batch of 8 segments in one piece
+        # took 2.3x the CPU time of 8 single segments, docs/PERF.md); at most ROW_BLOCK rows, fewer
+        # where that leaves a thread without a block.
+        block = min(ROW_BLOCK, max(16, -(-rows.shape[0] // torch.get_num_threads())))
+        if self._act is None:                # one op: quantize, GEMM, dequantize + activation + cast
+            _ext.int8_linear(rows, self.qweight_t, self.weight_scale, self.bias, self._fused, block, out)
+        else:
+            for r in range(0, rows.shape[0], block):
+                self._block(rows[r:r + block], out[r:r + block])
         return out.view(*lead, self.out_features)
 
     def _block(self, rows: torch.Tensor, out: torch.Tensor) -> None:
-        """rows: [R, K] -> out [R, N] (``out_dtype``, written in place)."""
+        """rows: [R, K] -> out [R, N] (``out_dtype``, written in place), an activation the kernel lacks."""
         qx, sx = quantize_rows(rows)                                             # [R, K], [R, 1]
         acc = torch._int_mm(qx, self.qweight_t)                                 # [R, N] int32
-        if self._act is None:                    # one pass: scales, bias, activation, rounding
-            _ext.int8_dequantize(acc, sx, self.weight_scale, self.bias, self._fused, out)
-            return
         y = _ext.int8_dequantize(acc, sx, self.weight_scale, self.bias, "none",
                                  torch.empty(out.shape, dtype=torch.float32))    # [R, N] float32
         out.copy_(self._act(y))
