@@ -13,7 +13,8 @@
 // ops they replace made four to six. AVX-512 where ATen runs its own AVX-512 kernels
 // (at::get_cpu_capability(); ATEN_CPU_CAPABILITY=avx2 takes the scalar code, as the tests do), with
 // target attributes so the build flags stay generic (as avx512.h); elsewhere scalar loops that give
-// the same integers and, apart from GELU's erf (std::erf there, a polynomial here), the same floats.
+// the same integers and, apart from GELU's erf (std::erf there, a rational approximation here), the
+// same floats.
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
