@@ -1,7 +1,8 @@
 """int8 against bf16 and float32 on the CPU: speed (bert-base shape) and drift (the shipped model).
 
 Times are wall clock and process CPU time (on a shared machine, CPU time at one thread is the
-cost that time-sharing does not inflate). speed: ms per step (median of --reps) of Engine bfloat16, bfloat16 + int8 and float32 (--variants), interleaved in one process, on
+cost that time-sharing does not inflate). speed: ms per step (median of --reps) of Engine bfloat16,
+bfloat16 + int8 and float32 (--variants), interleaved in one process, on
 bert-base-shaped random weights (``rmt_fast.bench.builtin_model``), full 512-token segments, plus the
 GEMM weights' bytes against float32.
     python benchmarks/bench_int8.py speed --layers 12 --batch-sizes 1,8 --segments 2 --out R.json
@@ -104,7 +105,8 @@ def speed(args) -> dict:
               f"{args.reps}: " + "; ".join(f"{n} wall {row[n + '_ms']:.1f} CPU {row[n + '_cpu_ms']:.1f} ms"
                                           for n in names), flush=True)
         print("  over int8 (wall, CPU): " + ", ".join(
-            f"{n} {row[n + '_over_int8']:.2f}x {row[n + '_over_int8_cpu']:.2f}x" for n in names if n + "_over_int8" in row),
+            f"{n} {row[n + '_over_int8']:.2f}x {row[n + '_over_int8_cpu']:.2f}x"
+            for n in names if n + "_over_int8" in row),
             flush=True)
     out = {"machine": machine(), "layers": args.layers, "segments": args.segments, "rows": rows,
            "weights": {n: gemm_bytes(e.plan) for n, e in engines.items()}}
@@ -143,15 +145,18 @@ def kernels(args) -> dict:
     out = torch.empty(blk, N, dtype=torch.bfloat16)
     n_blocks = -(-M // blk)
     cases = {"bf16 packed GEMM + GELU": lambda: bf16(x), "Int8Linear + GELU (all below)": lambda: int8(x),
-             f"quantize activations ({n_blocks} x {blk} rows)": lambda: [quantize_rows(x[:blk]) for _ in range(n_blocks)],
-             f"torch._int_mm ({n_blocks} x {blk} rows)": lambda: [torch._int_mm(qx, int8.qweight_t) for _ in range(n_blocks)],
+             f"quantize activations ({n_blocks} x {blk} rows)":
+                 lambda: [quantize_rows(x[:blk]) for _ in range(n_blocks)],
+             f"torch._int_mm ({n_blocks} x {blk} rows)":
+                 lambda: [torch._int_mm(qx, int8.qweight_t) for _ in range(n_blocks)],
              f"dequantize + bias + GELU + bf16 ({n_blocks} x {blk} rows)": lambda: [
                  _ext.int8_dequantize(acc, sx, int8.weight_scale, int8.bias, "gelu", out) for _ in range(n_blocks)]}
     fbgemm = fbgemm_linear(w, b)
     if fbgemm is not None:
         xf = x.float()
         cases["fbgemm dynamic linear, float32 in/out"] = lambda: fbgemm(xf)
-        cases["fbgemm dynamic linear + GELU + bf16 casts"] = lambda: torch.nn.functional.gelu(fbgemm(x.float())).to(torch.bfloat16)
+        cases["fbgemm dynamic linear + GELU + bf16 casts"] = \
+            lambda: torch.nn.functional.gelu(fbgemm(x.float())).to(torch.bfloat16)
     times = {k: [] for k in cases}
     for f in cases.values():
         f()

@@ -188,6 +188,9 @@ def test_opcheck():
     opcheck(torch.ops.rmt_fast.int8_quantize_rows.default, (x,))
     acc, sx, sw, bias = dequantize_inputs(7, 33)
     opcheck(torch.ops.rmt_fast.int8_dequantize.default, (acc, sx, sw, bias, "gelu", torch.empty(7, 33)))
+    qw = torch.randint(-127, 128, (40, 33), dtype=torch.int8)                 # [N, K]
+    opcheck(torch.ops.rmt_fast.int8_linear.default,
+            (x, qw.t(), torch.rand(40) * 1e-2, torch.randn(40), "relu", 4, torch.empty(7, 40, dtype=torch.bfloat16)))
 
 
 @pytest.mark.skipif(not COMPILED, reason="no compiled int8 kernels")
@@ -197,14 +200,22 @@ def test_compiled_kernels_back_the_ops():
         assert "int8.cpp" in torch._C._dispatch_dump(f"rmt_fast::{name}").split("CPU:")[1].splitlines()[0]
 
 
-def test_scalar_code_without_avx512():
-    """ATEN_CPU_CAPABILITY=avx2 (torch's switch, which the kernels follow): the scalar loops, checked by
-    this file's compiled cases in a subprocess."""
+@pytest.mark.parametrize("switch,capability", [
+    ("ATEN_CPU_CAPABILITY=avx2", "AVX2"),                  # the scalar loops
+    ("RMT_FAST_INT8_NO_AVX512_BF16=1", None),              # AVX-512 without its AVX512-BF16 rounding
+])
+def test_other_code_paths_in_a_subprocess(switch, capability):
+    """This file's compiled cases in a subprocess with a switch the kernels read once: torch's
+    ATEN_CPU_CAPABILITY=avx2 (as on a CPU without AVX-512: the scalar code) and
+    RMT_FAST_INT8_NO_AVX512_BF16=1 (bfloat16 rounded by integer ops, as on AVX-512 CPUs without BF16)."""
     if not COMPILED:
         pytest.skip("no compiled int8 kernels")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", RMT_FAST_INT8_EXPECT_CAPABILITY="AVX2")
+    name, value = switch.split("=")
+    env = dict(os.environ, **{name: value})
+    if capability:
+        env["RMT_FAST_INT8_EXPECT_CAPABILITY"] = capability
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-                          str(Path(__file__)), "-k", "compiled or capability"],
+                          str(Path(__file__)), "-k", "(compiled or capability) and not subprocess"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "failed" not in run.stdout
@@ -214,7 +225,7 @@ def test_capability_in_subprocess():
     """In the subprocess above, ATen (and so the kernels) really runs without AVX-512."""
     want = os.environ.get("RMT_FAST_INT8_EXPECT_CAPABILITY")
     if want is None:
-        pytest.skip("checked in the subprocess of test_scalar_code_without_avx512")
+        pytest.skip("checked in the subprocess of test_other_code_paths_in_a_subprocess")
     assert torch.backends.cpu.get_cpu_capability() == want
 
 

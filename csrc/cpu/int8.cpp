@@ -26,6 +26,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 
@@ -48,8 +49,22 @@ bool int8_avx512() {
 #endif
 }
 
+// The AVX512-BF16 rounding of bfloat16 outputs; RMT_FAST_INT8_NO_AVX512_BF16=1 (read once; for the
+// tests) keeps the plain AVX-512 one.
+bool int8_avx512_bf16() {
+#ifdef RMT_FAST_X86
+  static const bool has = int8_avx512() && __builtin_cpu_supports("avx512bf16") != 0 &&
+                          std::getenv("RMT_FAST_INT8_NO_AVX512_BF16") == nullptr;
+  return has;
+#else
+  return false;
+#endif
+}
+
 // Rows per parallel chunk: about 64 KiB of input, so that small problems stay on one thread.
-int64_t grain_rows(int64_t row_elems) { return std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(row_elems, 1)); }
+int64_t grain_rows(int64_t row_elems) {
+  return std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(row_elems, 1));
+}
 
 // --- scalar --------------------------------------------------------------------------------------
 
@@ -144,29 +159,62 @@ RMT_AVX512_BW static inline __m512 erf_512(__m512 x) {
   return _mm512_mul_ps(_mm512_mul_ps(x, p), r);
 }
 
+// 16 columns from acc: act(fma(acc * sx, sw, bias)) in float32 (lanes outside m are zeros).
+template <Act kAct>
+RMT_AVX512_BW static inline __m512 dequantize16(const int32_t* acc, const float* sw, const float* bias, __m512 vsx,
+                                                __mmask16 m) {
+  const __m512 a = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, acc));
+  __m512 y = _mm512_fmadd_ps(_mm512_mul_ps(a, vsx), _mm512_maskz_loadu_ps(m, sw), _mm512_maskz_loadu_ps(m, bias));
+  if constexpr (kAct == Act::kGelu) {
+    const __m512 half_y = _mm512_mul_ps(y, _mm512_set1_ps(0.5f));
+    y = _mm512_fmadd_ps(half_y, erf_512(_mm512_mul_ps(y, _mm512_set1_ps(0.70710678118654752f))), half_y);
+  } else if constexpr (kAct == Act::kRelu) {
+    y = _mm512_max_ps(y, _mm512_setzero_ps());
+  }
+  return y;
+}
+
 template <Act kAct, typename T>
 RMT_AVX512_BW void dequantize_row_avx512(const int32_t* acc, int64_t N, float sx, const float* sw,
-                                      const float* bias, T* out) {
+                                         const float* bias, T* out) {
   const __m512 vsx = _mm512_set1_ps(sx);
   for (int64_t n = 0; n < N; n += 16) {
     const int64_t count = std::min<int64_t>(16, N - n);
-    const __mmask16 m = tail_mask(count);
-    const __m512 a = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, acc + n));
-    __m512 y = _mm512_fmadd_ps(_mm512_mul_ps(a, vsx), _mm512_maskz_loadu_ps(m, sw + n),
-                               _mm512_maskz_loadu_ps(m, bias + n));
-    if constexpr (kAct == Act::kGelu) {
-      const __m512 half_y = _mm512_mul_ps(y, _mm512_set1_ps(0.5f));
-      y = _mm512_fmadd_ps(half_y, erf_512(_mm512_mul_ps(y, _mm512_set1_ps(0.70710678118654752f))), half_y);
-    } else if constexpr (kAct == Act::kRelu) {
-      y = _mm512_max_ps(y, _mm512_setzero_ps());
-    }
-    store16(out + n, y, count);
+    store16(out + n, dequantize16<kAct>(acc + n, sw + n, bias + n, vsx, tail_mask(count)), count);
+  }
+}
+
+// bfloat16 out where the CPU has AVX512-BF16: vcvtneps2bf16 rounds to nearest even (as store16) in one
+// instruction instead of five; float32 values below 2^-126 become zero (its denormal rule).
+#define RMT_AVX512_BW_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+
+template <Act kAct>
+RMT_AVX512_BW_BF16 void dequantize_row_avx512_bf16(const int32_t* acc, int64_t N, float sx, const float* sw,
+                                                   const float* bias, c10::BFloat16* out) {
+  const __m512 vsx = _mm512_set1_ps(sx);
+  for (int64_t n = 0; n < N; n += 16) {
+    const __mmask16 m = tail_mask(std::min<int64_t>(16, N - n));
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(dequantize16<kAct>(acc + n, sw + n, bias + n, vsx, m));
+    _mm256_mask_storeu_epi16(out + n, m, h);
   }
 }
 
 #endif  // RMT_FAST_X86
 
 // --- the ops -------------------------------------------------------------------------------------
+
+template <Act kAct, typename T>
+void dequantize_row(bool avx, bool native_bf16, const int32_t* acc, int64_t N, float sx, const float* sw,
+                    const float* bias, T* out) {
+#ifdef RMT_FAST_X86
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (native_bf16) return dequantize_row_avx512_bf16<kAct>(acc, N, sx, sw, bias, out);
+  }
+  if (avx) return dequantize_row_avx512<kAct>(acc, N, sx, sw, bias, out);
+#endif
+  dequantize_row_scalar(acc, N, sx, sw, bias, kAct, out);
+}
 
 void check_rows(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.dim() == 2, "rmt_fast::", op, ": ", name, " must be 2-D, got shape ", t.sizes());
@@ -236,7 +284,7 @@ void int8_dequantize_cpu(const at::Tensor& acc, const at::Tensor& row_scale, con
   const float* sw = col_scale.const_data_ptr<float>();
   const float* bd = bias.const_data_ptr<float>();
   const int64_t lda = acc.stride(0), ldo = out.stride(0);
-  const bool avx = int8_avx512();
+  const bool avx = int8_avx512(), native_bf16 = int8_avx512_bf16();
   dispatch_float<false>(out.scalar_type(), "rmt_fast::int8_dequantize: out", [&](auto zero) {
     using T = decltype(zero);
     T* od = out.data_ptr<T>();
@@ -244,22 +292,16 @@ void int8_dequantize_cpu(const at::Tensor& acc, const at::Tensor& row_scale, con
       for (int64_t r = begin; r < end; ++r) {
         const int32_t* a = ad + r * lda;
         T* o = od + r * ldo;
-#ifdef RMT_FAST_X86
-        if (avx) {
-          switch (act) {
-            case Act::kGelu:
-              dequantize_row_avx512<Act::kGelu>(a, N, sx[r], sw, bd, o);
-              break;
-            case Act::kRelu:
-              dequantize_row_avx512<Act::kRelu>(a, N, sx[r], sw, bd, o);
-              break;
-            default:
-              dequantize_row_avx512<Act::kNone>(a, N, sx[r], sw, bd, o);
-          }
-          continue;
+        switch (act) {
+          case Act::kGelu:
+            dequantize_row<Act::kGelu>(avx, native_bf16, a, N, sx[r], sw, bd, o);
+            break;
+          case Act::kRelu:
+            dequantize_row<Act::kRelu>(avx, native_bf16, a, N, sx[r], sw, bd, o);
+            break;
+          default:
+            dequantize_row<Act::kNone>(avx, native_bf16, a, N, sx[r], sw, bd, o);
         }
-#endif
-        dequantize_row_scalar(a, N, sx[r], sw, bd, act, o);
       }
     });
   });
