@@ -61,7 +61,7 @@ bool int8_avx512_bf16() {
 #endif
 }
 
-// Rows per parallel chunk: about 64 KiB of input, so that small problems stay on one thread.
+// Rows per parallel chunk: about 16 K elements, so that small problems stay on one thread.
 int64_t grain_rows(int64_t row_elems) {
   return std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(row_elems, 1));
 }
