@@ -1,7 +1,8 @@
 """int8 against bf16 and float32 on the CPU: speed (bert-base shape) and drift (the shipped model).
 
 Times are wall clock and process CPU time (on a shared machine, CPU time at one thread is the
-cost that time-sharing does not inflate). speed: ms per step of Engine bfloat16 and Engine bfloat16 + int8, interleaved in one process, on
+cost that time-sharing does not inflate). speed: ms per step (median of --reps) of Engine bfloat16,
+bfloat16 + int8 and float32 (--variants), interleaved in one process, on
 bert-base-shaped random weights (``rmt_fast.bench.builtin_model``), full 512-token segments, plus the
 GEMM weights' bytes against float32.
     python benchmarks/bench_int8.py speed --layers 12 --batch-sizes 1,8 --segments 2 --out R.json
@@ -12,6 +13,7 @@ accuracy, and the max |logit - float32 logit| per length.
     python benchmarks/bench_int8.py drift --segments 16,256 --samples 100 --out R.json
 Variants: float32; bfloat16; int8 (bf16 elsewhere, the shipped choice); int8-all (also the last layer's
 [CLS]/memory-row GEMMs); int8-f32 (int8 GEMMs, float32 elsewhere: int8's own error without bf16's).
+``profile`` gives the self CPU time per torch op of one step (torch.profiler), per variant.
 ``kernels`` times the FFN-shaped GEMM as bf16 and as int8, with the int8 layer's parts.
 ``plot`` draws the max logit gap against length from one or more drift JSON files.
 """
@@ -73,53 +75,88 @@ def speed(args) -> dict:
     from rmt_fast.bench import builtin_model
     torch.manual_seed(0)
     model = builtin_model(args.layers)
-    names = ["bfloat16", "int8"]
+    names = args.variants
     engines = {n: make_engine(model, n) for n in names}
     S, rows = model.config.segment_size, []
+    med = lambda v: sorted(v)[len(v) // 2]                                    # noqa: E731
     for B in args.batch_sizes:
         docs = [torch.randint(1000, 20000, (S * args.segments,)) for _ in range(B)]
         for e in engines.values():
             e.classify(docs[:B], batch_size=B)                                # warm-up
         times = {n: [] for n in names}
         cpu = {n: [] for n in names}
+        loads = []
         for _ in range(args.reps):                                            # interleaved
             for n, e in engines.items():
                 t, c = time.perf_counter(), time.process_time()
                 e.classify(docs, batch_size=B)
                 times[n].append((time.perf_counter() - t) * 1e3 / args.segments)
                 cpu[n].append((time.process_time() - c) * 1e3 / args.segments)
-        row = {"batch": B, **{f"{n}_ms": min(v) for n, v in times.items()},
-               **{f"{n}_cpu_ms": min(v) for n, v in cpu.items()}, "all_ms": times, "all_cpu_ms": cpu,
-               "loadavg": os.getloadavg()}
-        row["speedup"] = row["bfloat16_ms"] / row["int8_ms"]
-        row["cpu_speedup"] = row["bfloat16_cpu_ms"] / row["int8_cpu_ms"]
+            loads.append(os.getloadavg()[0])
+        row = {"batch": B, **{f"{n}_ms": med(v) for n, v in times.items()},
+               **{f"{n}_cpu_ms": med(v) for n, v in cpu.items()}, "all_ms": times, "all_cpu_ms": cpu,
+               "loadavg_per_rep": loads, "statistic": "median"}
+        for n in names:
+            if n != "int8" and "int8" in names:
+                row[f"{n}_over_int8"] = row[f"{n}_ms"] / row["int8_ms"]
+                row[f"{n}_over_int8_cpu"] = row[f"{n}_cpu_ms"] / row["int8_cpu_ms"]
         rows.append(row)
-        print(f"B={B}: wall bf16 {row['bfloat16_ms']:.1f} ms/step, int8 {row['int8_ms']:.1f}, "
-              f"bf16/int8 {row['speedup']:.2f}x; CPU time bf16 {row['bfloat16_cpu_ms']:.1f}, int8 "
-              f"{row['int8_cpu_ms']:.1f}, {row['cpu_speedup']:.2f}x; load {row['loadavg']}", flush=True)
+        print(f"B={B}, {torch.get_num_threads()} thread(s), load {min(loads):.1f}-{max(loads):.1f}, medians of "
+              f"{args.reps}: " + "; ".join(f"{n} wall {row[n + '_ms']:.1f} CPU {row[n + '_cpu_ms']:.1f} ms"
+                                          for n in names), flush=True)
+        print("  over int8 (wall, CPU): " + ", ".join(
+            f"{n} {row[n + '_over_int8']:.2f}x {row[n + '_over_int8_cpu']:.2f}x"
+            for n in names if n + "_over_int8" in row),
+            flush=True)
     out = {"machine": machine(), "layers": args.layers, "segments": args.segments, "rows": rows,
-           "weights": {n: gemm_bytes(e.plan) for n, e in engines.items()},
-           "int8_gemms": engines["int8"].plan.int8_gemms, "quantize_status": engines["int8"].plan.quantize_status}
+           "weights": {n: gemm_bytes(e.plan) for n, e in engines.items()}}
+    if "int8" in engines:
+        out.update(int8_gemms=engines["int8"].plan.int8_gemms, quantize_status=engines["int8"].plan.quantize_status)
     print(json.dumps(out["weights"]))
     return out
 
 
+def fbgemm_linear(w: torch.Tensor, b: torch.Tensor):
+    """fbgemm's dynamic int8 linear (torch.ao dynamic quantization): int8 weights per channel, the
+    activation quantized at run time to uint8 with ONE scale and zero point for the whole tensor;
+    float32 in and out. None where this torch has no fbgemm."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return None
+    torch.backends.quantized.engine = "fbgemm"
+    sw = w.abs().amax(1) / 127
+    qw = torch.quantize_per_channel(w, sw.double(), torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+    packed = torch.ops.quantized.linear_prepack(qw, b)
+    return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)
+
+
 def kernels(args) -> dict:
-    """The FFN input GEMM (rows x 768 @ 768 x 3072, GELU) as bf16 oneDNN and as Int8Linear, and the
-    int8 layer's parts, interleaved; best and median of ``reps`` ms."""
+    """The FFN input GEMM (rows x 768 @ 768 x 3072, GELU) as bf16 oneDNN, as Int8Linear and as fbgemm's
+    dynamic int8 linear, and the int8 layer's parts, interleaved; best and median of ``reps`` ms."""
+    from rmt_fast import _ext
     from rmt_fast.engine.linear import Linear
     from rmt_fast.engine.quant import Int8Linear, quantize_rows
     M, K, N = args.rows, 768, 3072
     x = torch.randn(M, K).to(torch.bfloat16)
     w, b = torch.randn(N, K) / K ** 0.5, torch.randn(N)
     int8, bf16 = Int8Linear(w, b, "gelu"), Linear(w.to(torch.bfloat16), b.to(torch.bfloat16), "gelu", pack=True)
-    qx, sx = quantize_rows(x)
+    blk = min(M, quant.ROW_BLOCK)
+    qx, sx = quantize_rows(x[:blk])
     acc = torch._int_mm(qx, int8.qweight_t)
-    y = torch.addcmul(int8.bias, acc * sx, int8.weight_scale)
-    cases = {"bf16 packed GEMM + GELU": lambda: bf16(x), "Int8Linear (all below)": lambda: int8(x),
-             "quantize activations": lambda: quantize_rows(x), "torch._int_mm": lambda: torch._int_mm(qx, int8.qweight_t),
-             "dequantize (acc * sx * sw + bias)": lambda: torch.addcmul(int8.bias, acc.float().mul_(sx), int8.weight_scale),
-             "GELU float32": lambda: torch.nn.functional.gelu(y), "to bfloat16": lambda: y.to(torch.bfloat16)}
+    out = torch.empty(blk, N, dtype=torch.bfloat16)
+    n_blocks = -(-M // blk)
+    cases = {"bf16 packed GEMM + GELU": lambda: bf16(x), "Int8Linear + GELU (all below)": lambda: int8(x),
+             f"quantize activations ({n_blocks} x {blk} rows)":
+                 lambda: [quantize_rows(x[:blk]) for _ in range(n_blocks)],
+             f"torch._int_mm ({n_blocks} x {blk} rows)":
+                 lambda: [torch._int_mm(qx, int8.qweight_t) for _ in range(n_blocks)],
+             f"dequantize + bias + GELU + bf16 ({n_blocks} x {blk} rows)": lambda: [
+                 _ext.int8_dequantize(acc, sx, int8.weight_scale, int8.bias, "gelu", out) for _ in range(n_blocks)]}
+    fbgemm = fbgemm_linear(w, b)
+    if fbgemm is not None:
+        xf = x.float()
+        cases["fbgemm dynamic linear, float32 in/out"] = lambda: fbgemm(xf)
+        cases["fbgemm dynamic linear + GELU + bf16 casts"] = \
+            lambda: torch.nn.functional.gelu(fbgemm(x.float())).to(torch.bfloat16)
     times = {k: [] for k in cases}
     for f in cases.values():
         f()
@@ -133,9 +170,41 @@ def kernels(args) -> dict:
     rows = {k: {"best_ms": min(v), "median_ms": sorted(v)[len(v) // 2], "best_cpu_ms": min(cpu[k]),
                 "median_cpu_ms": sorted(cpu[k])[len(v) // 2]} for k, v in times.items()}
     for k, r in rows.items():
-        print(f"{k:36s} wall best {r['best_ms']:7.2f} median {r['median_ms']:7.2f} ms; "
+        print(f"{k:52s} wall best {r['best_ms']:7.2f} median {r['median_ms']:7.2f} ms; "
               f"CPU best {r['best_cpu_ms']:7.2f} median {r['median_cpu_ms']:7.2f} ms")
     return {"machine": machine(), "rows": rows, "shape": [M, K, N]}
+
+
+def profile(args) -> dict:
+    """Self CPU time per torch op of Engine steps (bert-base shape, full 512-token segments), per
+    batch size and variant, from torch.profiler: where the int8 step's time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from rmt_fast.bench import builtin_model
+    torch.manual_seed(0)
+    model = builtin_model(args.layers)
+    S, out = model.config.segment_size, {"machine": machine(), "layers": args.layers, "rows": []}
+    for B in args.batch_sizes:
+        docs = [torch.randint(1000, 20000, (S,)) for _ in range(B)]
+        for n in args.variants:
+            engine = make_engine(model, n)
+            engine.classify(docs, batch_size=B)                                   # warm-up
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                t = time.process_time()
+                engine.classify(docs, batch_size=B)
+                cpu_ms = (time.process_time() - t) * 1e3
+            ops = sorted(((e.key, e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()),
+                         key=lambda r: -r[1])
+            total = sum(ms for _, ms, _ in ops)
+            out["rows"].append({"batch": B, "variant": n, "cpu_ms": cpu_ms, "profiled_ms": total,
+                                "ops": [{"op": k, "self_ms": ms, "calls": c} for k, ms, c in ops],
+                                "loadavg": os.getloadavg()})
+            print(f"B={B} {n}: step CPU {cpu_ms:.1f} ms (profiled self time {total:.1f} ms; load "
+                  f"{os.getloadavg()[0]:.2f})")
+            for k, ms, c in ops[:args.top]:
+                print(f"  {k:44s} {ms:8.2f} ms {100 * ms / total:5.1f}%  {c:6d} calls")
+    return out
 
 
 def drift(args) -> dict:
@@ -202,9 +271,15 @@ def main() -> None:
     s.add_argument("--batch-sizes", type=ints, default=[1, 8])
     s.add_argument("--segments", type=int, default=2)
     s.add_argument("--reps", type=int, default=3)
+    s.add_argument("--variants", type=lambda s: s.split(","), default=["bfloat16", "int8", "float32"])
     k = sub.add_parser("kernels")
     k.add_argument("--rows", type=int, default=512)
     k.add_argument("--reps", type=int, default=15)
+    f = sub.add_parser("profile")
+    f.add_argument("--layers", type=int, default=12)
+    f.add_argument("--batch-sizes", type=ints, default=[1, 8])
+    f.add_argument("--variants", type=lambda s: s.split(","), default=["bfloat16", "int8"])
+    f.add_argument("--top", type=int, default=14)
     d = sub.add_parser("drift")
     d.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     d.add_argument("--task", default="detect")
@@ -215,12 +290,12 @@ def main() -> None:
                    default=list(VARIANTS))
     g = sub.add_parser("plot")
     g.add_argument("inputs", nargs="+")
-    for q in (s, k, d, g):
+    for q in (s, k, f, d, g):
         q.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     if args.cmd == "plot":
         return plot(args)
-    result = {"speed": speed, "kernels": kernels, "drift": drift}[args.cmd](args)
+    result = {"speed": speed, "kernels": kernels, "profile": profile, "drift": drift}[args.cmd](args)
     result["command"] = "python benchmarks/bench_int8.py " + " ".join(os.sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")

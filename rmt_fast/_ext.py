@@ -27,6 +27,8 @@ __all__ = [
     "available", "why_unavailable", "built_with_cuda", "info", "SCHEMAS",
     "segment_embed", "segment_embed_torch", "memory_write", "memory_write_torch",
     "attention", "attention_op", "attention_torch", "attention_why_unavailable",
+    "INT8_SCHEMAS", "int8_quantize_rows", "int8_quantize_rows_torch", "int8_dequantize", "int8_dequantize_torch",
+    "int8_linear", "int8_linear_torch", "int8_kernels_compiled",
 ]
 
 SCHEMAS = {
@@ -36,6 +38,20 @@ SCHEMAS = {
     # a new tensor (B, Tq, heads * D), contiguous, in q's dtype
     "attention": "attention(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale) -> Tensor",
 }
+
+# The passes around the int8 GEMM of engine/quant.py (csrc/cpu/int8.cpp; CPU kernels only, the twins
+# elsewhere and where _C is missing). Kept apart from SCHEMAS, the segment loop's ops.
+INT8_SCHEMAS = {
+    # x [R, K] -> (q [R, K] int8, scale [R, 1] float32): symmetric per row, round half to even
+    "int8_quantize_rows": "int8_quantize_rows(Tensor x) -> (Tensor, Tensor)",
+    # out [R, N] = act(acc * row_scale * col_scale + bias), act 'none', 'gelu' (erf) or 'relu'
+    "int8_dequantize": "int8_dequantize(Tensor acc, Tensor row_scale, Tensor col_scale, Tensor bias, "
+                       "str activation, Tensor(a!) out) -> ()",
+    # out [R, N] = the two above around torch._int_mm (qweight_t [K, N] int8), per block of row_block rows
+    "int8_linear": "int8_linear(Tensor x, Tensor qweight_t, Tensor weight_scale, Tensor bias, str activation, "
+                   "int row_block, Tensor(a!) out) -> ()",
+}
+INT8_ACTIVATIONS = ("none", "gelu", "relu")
 
 _HALF_OR_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 _FLOATING = _HALF_OR_FLOAT + (torch.float64,)
@@ -198,12 +214,54 @@ def attention_torch(q, k, v, key_lengths=None, scale=None):
     return out.to(q.dtype).contiguous()
 
 
+def int8_quantize_rows_torch(x):
+    """x [R, K] float32/bfloat16/float16 -> (q [R, K] int8, scale [R, 1] float32), per row (token):
+    scale = max(amax_k |x[r, k]|, float32 tiny) / 127 in float32, q = round-half-even(x / scale)."""
+    sz = _check_args("int8_quantize_rows", [("x", x, "R K", _HALF_OR_FLOAT)], device_of="x")
+    xf = x.to(torch.float32, copy=True)                                        # divided in place below
+    amax = xf.abs().amax(dim=1, keepdim=True) if sz["K"] else xf.new_zeros(sz["R"], 1)
+    scale = amax.clamp_min_(torch.finfo(torch.float32).tiny).div_(127)
+    return xf.div_(scale).round_().to(torch.int8), scale
+
+
+def int8_dequantize_torch(acc, row_scale, col_scale, bias, activation, out):
+    """out [R, N] = act(acc * row_scale[r] * col_scale[n] + bias[n]) in float32, rounded once to out's
+    dtype; acc [R, N] int32, row_scale R float32 values ([R] or [R, 1]), col_scale and bias [N]
+    float32, act 'none', 'gelu' (erf) or 'relu'. Writes out; returns None."""
+    op = "int8_dequantize"
+    _check_args(op, [("acc", acc, "R N", (torch.int32,)), ("col_scale", col_scale, "N", (torch.float32,)),
+                     ("bias", bias, "N", (torch.float32,)), ("out", out, "R N", _HALF_OR_FLOAT)], device_of="acc")
+    if row_scale.dtype != torch.float32 or row_scale.numel() != acc.shape[0]:
+        _fail(op, f"row_scale must be float32 with R = {acc.shape[0]} values, got {row_scale.dtype} "
+                  f"of shape {list(row_scale.shape)}")
+    if activation not in INT8_ACTIVATIONS:
+        _fail(op, f"activation must be 'none', 'gelu' or 'relu', got '{activation}'")
+    y = acc.float().mul_(row_scale.reshape(-1, 1))      # a same-dtype multiply is vectorized
+    y = torch.addcmul(bias, y, col_scale, out=y)
+    if activation != "none":
+        y = F.gelu(y) if activation == "gelu" else F.relu(y)
+    out.copy_(y)
+
+
+def int8_linear_torch(x, qweight_t, weight_scale, bias, activation, row_block, out):
+    """out [R, N] = dequantize(torch._int_mm(quantize_rows(x), qweight_t)) per block of ``row_block``
+    rows: x [R, K] float, qweight_t [K, N] int8, weight_scale and bias [N] float32. Returns None."""
+    if row_block < 1:
+        _fail("int8_linear", f"row_block must be >= 1, got {row_block}")
+    if activation not in INT8_ACTIVATIONS:
+        _fail("int8_linear", f"activation must be 'none', 'gelu' or 'relu', got '{activation}'")
+    for r in range(0, x.shape[0], row_block):
+        q, scale = int8_quantize_rows_torch(x[r:r + row_block])
+        int8_dequantize_torch(torch._int_mm(q, qweight_t), scale, weight_scale, bias, activation, out[r:r + row_block])
+
+
 def _segment_embed_twin_kernel(*args) -> None:  # the schema returns nothing
     segment_embed_torch(*args)
 
 
 _TWINS = {"segment_embed": _segment_embed_twin_kernel, "memory_write": memory_write_torch,
-          "attention": attention_torch}
+          "attention": attention_torch, "int8_quantize_rows": int8_quantize_rows_torch,
+          "int8_dequantize": int8_dequantize_torch, "int8_linear": int8_linear_torch}
 
 
 # --- loading rmt_fast._C and registering the twins where it has no kernel -------------------------
@@ -211,6 +269,7 @@ _TWINS = {"segment_embed": _segment_embed_twin_kernel, "memory_write": memory_wr
 _C = None
 _REASON: str | None = None
 _ATTENTION_REASON: str | None = None
+_INT8_COMPILED = False
 
 
 def _load() -> None:
@@ -257,8 +316,9 @@ def _has_kernel(name: str, key: str) -> bool:
 
 def _register_twins() -> None:
     """The twins implement each op on every device (and Meta) the compiled library does not cover."""
-    global _ATTENTION_REASON
+    global _ATTENTION_REASON, _INT8_COMPILED
     attention_compiled = _C is not None and _has_kernel("attention", "CPU")
+    _INT8_COMPILED = _C is not None and all(_has_kernel(n, "CPU") for n in INT8_SCHEMAS)
     for name, twin in _TWINS.items():
         for key in ("CPU", "CUDA", "Meta"):
             if _C is None or not _has_kernel(name, key):
@@ -275,7 +335,7 @@ def _define_ops() -> None:
     kernels before the schema). A stale _C, built before the schemas moved here, defines them itself
     (TORCH_LIBRARY): they are then left as they are, with a warning to rebuild."""
     stale = []
-    for name, schema in SCHEMAS.items():
+    for name, schema in {**SCHEMAS, **INT8_SCHEMAS}.items():
         try:
             defined = torch._C._dispatch_find_schema_or_throw(f"rmt_fast::{name}", "").schema()
         except RuntimeError:
@@ -367,3 +427,25 @@ def attention_op(q, k, v, key_lengths=None, scale=None):
     if reason is not None:
         raise RuntimeError(f"rmt_fast.attention is not available: {reason}")
     return attention(q, k, v, key_lengths, scale)
+
+
+def int8_quantize_rows(x):
+    """torch.ops.rmt_fast.int8_quantize_rows (semantics: int8_quantize_rows_torch): (q, scale)."""
+    return torch.ops.rmt_fast.int8_quantize_rows(x)
+
+
+def int8_dequantize(acc, row_scale, col_scale, bias, activation, out):
+    """torch.ops.rmt_fast.int8_dequantize (semantics: int8_dequantize_torch); returns out."""
+    torch.ops.rmt_fast.int8_dequantize(acc, row_scale, col_scale, bias, activation, out)
+    return out
+
+
+def int8_linear(x, qweight_t, weight_scale, bias, activation, row_block, out):
+    """torch.ops.rmt_fast.int8_linear (semantics: int8_linear_torch); returns out."""
+    torch.ops.rmt_fast.int8_linear(x, qweight_t, weight_scale, bias, activation, int(row_block), out)
+    return out
+
+
+def int8_kernels_compiled() -> bool:
+    """True when the int8 passes run the compiled CPU kernels (else the torch twins)."""
+    return _INT8_COMPILED

@@ -26,10 +26,12 @@ ENV_VARS: Tuple[EnvVar, ...] = (
     EnvVar("RMT_FAST_CUDA_GRAPHS", "debug", "=0: no CUDA graphs, like Engine(cuda_graphs=False)"),
     EnvVar("RMT_FAST_TRITON_AUTOTUNE", "debug", "=1: autotune the Triton attention's block sizes"),
     EnvVar("RMT_FAST_ATTENTION_BF16_AS_FLOAT32", "debug", "=1: bfloat16 CPU attention by the float32 path (read once)"),
+    EnvVar("RMT_FAST_INT8_NO_AVX512_BF16", "debug", "=1: int8 dequantize rounds bf16 without AVX512-BF16 (read once)"),
     EnvVar("RMT_FAST_CACHE", "debug", "where tokenized training corpora are cached (default ~/.cache/rmt_fast; '' off)"),
     EnvVar("RMT_FAST_CUDA12_WHEELS", "test", "where the CUDA 12 wheels for the sm_61 compile test are (default .venv/cuda12)"),
     EnvVar("RMT_FAST_AUTO_DTYPE", "test", "pins what dtype='auto' resolves to (tests/conftest.py: float32)"),
     EnvVar("RMT_FAST_TEST_SEED", "test", "salts every test's seed (tests/conftest.py)"),
+    EnvVar("RMT_FAST_INT8_EXPECT_CAPABILITY", "test", "the ATen capability tests/test_int8_kernels.py's subprocess expects"),
 )
 
 

@@ -7,6 +7,9 @@
 - ``y[r, n] = scale_x[r] * scale_w[n] * sum_k q_x[r, k] q_w[n, k] + bias[n]``: the sum is exact (int32),
   the rest in float32, rounded once to the plan's dtype at the end (after the activation, as the bf16
   path's fused GELU does).
+- The passes around the GEMM are one fused kernel each (csrc/cpu/int8.cpp through ``rmt_fast._ext``):
+  quantize per token, and dequantize + scales + bias + GELU/ReLU + cast; where the extension is not
+  built their torch twins run the same arithmetic as several torch ops (slower; same integers).
 
 Why ``torch._int_mm`` and not fbgemm's dynamic linear (``torch.ops.quantized.linear_dynamic``) nor
 oneDNN's ``qlinear_pointwise``: fbgemm quantizes activations with one scale for the whole tensor
@@ -25,6 +28,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import _ext
 from .linear import Linear
 
 QMAX = 127                                    # symmetric: -127..127 (never -128)
@@ -44,15 +48,14 @@ def quantize_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """x [R, K] (any float dtype) -> (q [R, K] int8, scale [R, 1] float32), symmetric per row (token).
+    """x [R, K] (float32/bfloat16/float16) -> (q [R, K] int8, scale [R, 1] float32), symmetric per row
+    (token): scale = amax / 127 in float32, q = round-half-even(x / scale); a row of zeros gets q = 0.
 
-    Computed in float32 (x.abs().amax and an in-place divide: measured 30-40x faster here than
-    ``vector_norm(inf)`` and a mixed-dtype divide); a row of zeros gets q = 0.
+    One pass of the extension's kernel (csrc/cpu/int8.cpp) where it is built, else its torch twin.
     """
-    xf = x.to(torch.float32, copy=True)                                        # divided in place below
-    scale = xf.abs().amax(dim=1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny).div_(QMAX)
-    q = xf.div_(scale).round_().to(torch.int8)
-    return q, scale
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return _ext.int8_quantize_rows(x)
 
 
 @lru_cache(maxsize=None)
@@ -98,11 +101,13 @@ def check_quantize(quantize: Optional[str], device: torch.device) -> Optional[st
     why_not = int8_available(device)
     if why_not:
         raise ValueError(f"int8 (quantize='int8', --quantize int8) is not possible here: {why_not}")
+    passes = ("fused quantize/dequantize kernels" if _ext.int8_kernels_compiled() else
+              "quantize/dequantize as torch ops: rmt_fast._C is not built, slower")
     isa = cpu_int8_isa()
     if isa is None:
         return ("int8 (torch._int_mm; this CPU has no VNNI/AMX int8 instructions: oneDNN's slower int8 "
-                "path, likely slower than bfloat16)")
-    return f"int8 (torch._int_mm, {isa})"
+                f"path, likely slower than bfloat16; {passes})")
+    return f"int8 (torch._int_mm, {isa}; {passes})"
 
 
 def int8_gemm(name: str, last_layer: bool) -> bool:
@@ -126,8 +131,11 @@ class Int8Linear:
         self.qweight_t = q.t()                                                  # [K, N] view
         self.bias = bias.detach().float().contiguous()                          # [N] float32
         self.out_dtype = out_dtype
+        # activations the dequantize kernel applies itself (HF "gelu" is the exact, erf GELU); any
+        # other runs after it, on a float32 copy
+        self._fused = {None: "none", "gelu": "gelu", "relu": "relu"}.get(act)
         self._act = None
-        if act:
+        if self._fused is None:
             from transformers.activations import ACT2FN
             self._act = ACT2FN[act]
 
@@ -139,24 +147,27 @@ class Int8Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., K] -> [..., N] in ``out_dtype``."""
         lead, rows = x.shape[:-1], x.reshape(-1, self.in_features)             # [R, K]
-        if rows.shape[0] <= ROW_BLOCK:
-            return self._block(rows).view(*lead, self.out_features)
-        # Blocks of rows keep the int32 and float32 intermediates in cache (measured: a batch of 8
-        # segments in one piece took 2.3x the CPU time of 8 single segments).
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
         out = torch.empty(rows.shape[0], self.out_features, dtype=self.out_dtype, device=x.device)
-        for r in range(0, rows.shape[0], ROW_BLOCK):
-            out[r:r + ROW_BLOCK] = self._block(rows[r:r + ROW_BLOCK])
+        # Blocks of rows keep the int32 sums in cache (measured: a batch of 8 segments in one piece
+        # took 2.3x the CPU time of 8 single segments, docs/PERF.md); at most ROW_BLOCK rows, fewer
+        # where that leaves a thread without a block.
+        block = min(ROW_BLOCK, max(16, -(-rows.shape[0] // torch.get_num_threads())))
+        if self._act is None:                # one op: quantize, GEMM, dequantize + activation + cast
+            _ext.int8_linear(rows, self.qweight_t, self.weight_scale, self.bias, self._fused, block, out)
+        else:
+            for r in range(0, rows.shape[0], block):
+                self._block(rows[r:r + block], out[r:r + block])
         return out.view(*lead, self.out_features)
 
-    def _block(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows: [R, K] -> [R, N] in ``out_dtype``."""
+    def _block(self, rows: torch.Tensor, out: torch.Tensor) -> None:
+        """rows: [R, K] -> out [R, N] (``out_dtype``, written in place), an activation the kernel lacks."""
         qx, sx = quantize_rows(rows)                                             # [R, K], [R, 1]
         acc = torch._int_mm(qx, self.qweight_t)                                 # [R, N] int32
-        y = acc.float().mul_(sx)                     # [R, N] float32; a same-dtype multiply is vectorized
-        y = torch.addcmul(self.bias, y, self.weight_scale, out=y)               # (int32 * float32 is not)
-        if self._act is not None:
-            y = self._act(y)
-        return y.to(self.out_dtype)
+        y = _ext.int8_dequantize(acc, sx, self.weight_scale, self.bias, "none",
+                                 torch.empty(out.shape, dtype=torch.float32))    # [R, N] float32
+        out.copy_(self._act(y))
 
 
 GEMM_NAMES = ("qkv", "q", "kv", "out", "ffn_in", "ffn_out")
