@@ -104,20 +104,30 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def evaluate_accuracy(model, gen: T.TaskGenerator, n_segments: int, n_samples: int, batch_size: int,
-                      device) -> float:
-    """Validation accuracy at n_segments through the Engine, sharded over the ranks."""
+def validation_counts(model, gen: T.TaskGenerator, n_segments: int, n_samples: int, batch_size: int,
+                      device) -> dict:
+    """{task: (correct, samples)} at n_segments through the Engine, summed over the ranks."""
     from .evaluate import predict
 
     rank, world = distributed.rank_and_world()
-    idx = list(range(rank, n_samples, world))
-    correct = 0
-    if idx:
-        docs, labels = gen.batch(n_segments, idx)
-        pred = predict(model, docs, batch_size=batch_size, device=device).argmax(-1)
-        correct = int((pred == labels).sum())
-    c, n = distributed.all_reduce([correct, len(idx)], device)
-    return c / n
+    mine = gen.samples(n_segments, range(rank, n_samples, world))
+    right = {t: 0 for t in T.TASKS}
+    seen = dict(right)
+    if mine:
+        pred = predict(model, [s.input_ids for s in mine], batch_size=batch_size, device=device).argmax(-1)
+        for s, p in zip(mine, pred.tolist()):
+            right[s.task] += int(p == s.label)
+            seen[s.task] += 1
+    summed = distributed.all_reduce([right[t] for t in T.TASKS] + [seen[t] for t in T.TASKS], device)
+    k = len(T.TASKS)
+    return {t: (int(summed[i]), int(summed[k + i])) for i, t in enumerate(T.TASKS) if summed[k + i]}
+
+
+def evaluate_accuracy(model, gen: T.TaskGenerator, n_segments: int, n_samples: int, batch_size: int,
+                      device) -> float:
+    """Validation accuracy at n_segments through the Engine, sharded over the ranks."""
+    counts = validation_counts(model, gen, n_segments, n_samples, batch_size, device)
+    return sum(c for c, _ in counts.values()) / sum(n for _, n in counts.values())
 
 
 class Trainer:
@@ -264,14 +274,16 @@ class Trainer:
     def _evaluate(self, model, tokenizer, val_gen, state: dict) -> Tuple[float, bool]:
         """Validation at the stage's length; saves the stage's best. Returns (accuracy, improved)."""
         n = state["stage"]
-        acc = evaluate_accuracy(model, val_gen, n, self.cfg.val_samples, self.cfg.eval_batch_size, self.device)
+        counts = validation_counts(model, val_gen, n, self.cfg.val_samples, self.cfg.eval_batch_size, self.device)
+        acc = sum(c for c, _ in counts.values()) / sum(k for _, k in counts.values())
         model.train()
         improved = acc >= state["best"]  # ties: the later, longer-trained model
         if improved:
             state["best"] = acc
             if self.rank == 0:
                 save_model(model, tokenizer, self.out / "stages" / str(n) / "best")
-        self.log(event="eval", stage=n, step=state["step"], val_accuracy=acc, best=state["best"])
+        self.log(event="eval", stage=n, step=state["step"], val_accuracy=acc, best=state["best"],
+                 val_by_task={t: c / k for t, (c, k) in counts.items()})
         return acc, improved
 
     def _train_stage(self, model, tokenizer, train_gen, val_gen, state, saved):
