@@ -127,7 +127,8 @@ _CORPUS_CACHE: dict = {}
 
 def _corpus(split: str, tokenizer) -> _Corpus:
     novels = [(n, (noise_dir() / f"{n}.txt.gz").stat().st_size) for n in SPLITS[split]]
-    key = (split, hashlib.sha1(json.dumps([novels, _tokenizer_key(tokenizer)]).encode()).hexdigest()[:16])
+    rules = [_ENTITY.pattern, _SENTENCE_END.pattern]         # a changed filter or splitter rebuilds the cache
+    key = (split, hashlib.sha1(json.dumps([novels, _tokenizer_key(tokenizer), rules]).encode()).hexdigest()[:16])
     if key in _CORPUS_CACHE:
         return _CORPUS_CACHE[key]
     cdir = cache_dir()
