@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -59,6 +60,38 @@ def samples_at(n_segments: int, samples: int, long_samples: Optional[int], long_
     return samples
 
 
+def _binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p), summed in log space (n up to many thousands)."""
+    if p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 1.0 if k >= n else 0.0
+    lp, lq = math.log(p), math.log1p(-p)
+    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
+             for i in range(k + 1)]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def clopper_pearson(correct: int, samples: int, level: float = 0.95) -> Tuple[float, float]:
+    """The exact (Clopper-Pearson) two-sided interval of a binomial proportion, by bisection."""
+    if samples <= 0:
+        return float("nan"), float("nan")
+    alpha = (1.0 - level) / 2
+
+    def solve(f) -> float:                       # f increasing in p: the p with f(p) = 0
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
+        return (lo + hi) / 2
+
+    # low: P(X >= correct | p) = alpha; high: P(X <= correct | p) = alpha (both sides increasing in p).
+    low = 0.0 if correct == 0 else solve(lambda p: (1 - _binomial_cdf(correct - 1, samples, p)) - alpha)
+    high = 1.0 if correct == samples else solve(lambda p: alpha - _binomial_cdf(correct, samples, p))
+    return low, high
+
+
 @dataclass
 class Row:
     model: str
@@ -69,6 +102,12 @@ class Row:
     correct: int
     accuracy: float
     seconds: float
+    ci_low: float = float("nan")     # 95% Clopper-Pearson interval of the accuracy
+    ci_high: float = float("nan")
+
+    def __post_init__(self):
+        if math.isnan(self.ci_low) and self.samples:
+            self.ci_low, self.ci_high = clopper_pearson(self.correct, self.samples)
 
 
 def evaluate_model(model, tokenizer, task: str, lengths: Sequence[int], samples: int, name: str = "model",
@@ -110,23 +149,26 @@ def evaluate_model(model, tokenizer, task: str, lengths: Sequence[int], samples:
 
 
 def table(rows: Sequence[Row]) -> str:
-    lines = ["| model | task | segments | tokens | samples | accuracy | seconds |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | task | segments | tokens | samples | accuracy | 95% interval | seconds |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r.model} | {r.task} | {r.n_segments} | {r.n_tokens:,} | {r.samples} | "
-                     f"{100 * r.accuracy:.1f}% | {r.seconds:.1f} |")
+                     f"{100 * r.accuracy:.1f}% | {100 * r.ci_low:.1f}-{100 * r.ci_high:.1f}% | {r.seconds:.1f} |")
     return "\n".join(lines)
 
 
 def plot(rows: Sequence[Row], path) -> None:
-    """Accuracy against input length in tokens, log x axis, one line per (model, task)."""
+    """Accuracy against input length in tokens, log x axis, one line per (model, task), its 95% interval shaded."""
     plt = plotting.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     keys = list(dict.fromkeys((r.model, r.task) for r in rows))
     for model, task in keys:
         rs = sorted((r for r in rows if (r.model, r.task) == (model, task)), key=lambda r: r.n_tokens)
-        ax.plot([r.n_tokens for r in rs], [100 * r.accuracy for r in rs], marker="o",
-                label=f"{model} / {task}" if len({k[1] for k in keys}) > 1 or len(keys) > 1 else model)
+        x = [r.n_tokens for r in rs]
+        line, = ax.plot(x, [100 * r.accuracy for r in rs], marker="o",
+                        label=f"{model} / {task}" if len({k[1] for k in keys}) > 1 or len(keys) > 1 else model)
+        ax.fill_between(x, [100 * r.ci_low for r in rs], [100 * r.ci_high for r in rs], color=line.get_color(),
+                        alpha=0.15, linewidth=0)
     ax.set_xscale("log")
     ax.set_xlabel("input length, text tokens (log scale)")
     ax.set_ylabel("accuracy, %")
