@@ -65,6 +65,7 @@ class TrainConfig:
     min_segments: int = 1
     max_segments: int = 5
     threshold: float = 0.99
+    select_on: Tuple[str, ...] = ()     # tasks whose validation accuracy picks the best and meets the threshold
     stage_steps: int = 1000
     eval_every: int = 50
     val_samples: int = 256
@@ -86,6 +87,15 @@ class TrainConfig:
         if isinstance(self.task, str):
             self.task = tuple(t for t in self.task.split(",") if t)
         self.task = tuple(self.task)
+        if self.select_on is None:
+            self.select_on = ()
+        if isinstance(self.select_on, str):
+            self.select_on = tuple(t for t in self.select_on.split(",") if t)
+        self.select_on = tuple(T.TASK_ALIASES.get(t, t) for t in self.select_on)
+        trained = {T.TASK_ALIASES.get(t, t) for t in self.task}
+        if not set(self.select_on) <= trained:
+            raise ValueError(f"--select-on {','.join(self.select_on)}: only tasks in --task {','.join(self.task)} "
+                             "are validated")
         if not 1 <= self.min_segments <= self.max_segments:
             raise ValueError(f"need 1 <= --min-segments <= --max-segments, got {self.min_segments}, "
                              f"{self.max_segments}")
@@ -275,7 +285,9 @@ class Trainer:
         """Validation at the stage's length; saves the stage's best. Returns (accuracy, improved)."""
         n = state["stage"]
         counts = validation_counts(model, val_gen, n, self.cfg.val_samples, self.cfg.eval_batch_size, self.device)
-        acc = sum(c for c, _ in counts.values()) / sum(k for _, k in counts.values())
+        # A hard task's noise should not pick the checkpoint of the easy ones (--select-on).
+        chosen = [v for t, v in counts.items() if t in self.cfg.select_on] or list(counts.values())
+        acc = sum(c for c, _ in chosen) / sum(k for _, k in chosen)
         model.train()
         improved = acc >= state["best"]  # ties: the later, longer-trained model
         if improved:
@@ -391,6 +403,9 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                    "max_grad_norm": positive_float}
     for name, parse in float_types.items():
         p.add_argument(flag(name), type=parse, default=getattr(d, name))
+    p.add_argument("--select-on", type=_task_list, default=None,
+                   help="comma-separated tasks whose validation accuracy picks each stage's best model and is "
+                        "held against --threshold (default: all the tasks trained on)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision)
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
     p.add_argument("--stop-after", type=positive_int, default=None, help="stop resumably after this many steps")

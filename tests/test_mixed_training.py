@@ -29,3 +29,39 @@ def test_mixed_tasks_learn_reasoning_above_chance(tmp_path):
     docs, labels = gen.batch(1, range(120))
     correct = int((predict(model, docs, batch_size=60).argmax(-1) == labels).sum())
     assert correct >= 36, f"Reasoning {correct}/120 after 120 mixed steps; chance is 20/120"
+
+
+def _tiny(tmp_path, **kw):
+    return TrainConfig(out_dir=str(tmp_path / "run"), backbone=BERT_CASED, random_init=True, num_layers=1,
+                       hidden_size=32, num_heads=2, intermediate_size=64, input_size=40, num_mem_tokens=2,
+                       min_segments=1, max_segments=1, stage_steps=4, eval_every=2, val_samples=8, batch_size=4,
+                       progress=False, **kw)
+
+
+def test_select_on_picks_the_best_and_the_threshold_by_those_tasks(tmp_path, monkeypatch):
+    """Validation says memorize 8/8 and reasoning 0/8 at step 2, memorize 7/8 and reasoning 8/8 at step 4."""
+    import rmt_fast.train as train_module
+
+    answers = iter([{"memorize": (8, 8), "reasoning": (0, 8)}, {"memorize": (7, 8), "reasoning": (8, 8)}])
+    monkeypatch.setattr(train_module, "validation_counts", lambda *a, **k: next(answers))
+    cfg = _tiny(tmp_path, task=("memorize", "reasoning"), select_on=("memorize",), threshold=1.0)
+    train(cfg)
+    ms = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    evals = [m for m in ms if m["event"] == "eval"]
+    assert [e["val_accuracy"] for e in evals] == [1.0]            # memorize alone decides: threshold met
+    assert evals[0]["val_by_task"] == {"memorize": 1.0, "reasoning": 0.0}
+    assert [m["reason"] for m in ms if m["event"] == "stage_end"] == ["threshold"]
+
+    # Without --select-on both tasks count: 0.5 at step 2, 15/16 at step 4, the later one is the best.
+    answers = iter([{"memorize": (8, 8), "reasoning": (0, 8)}, {"memorize": (7, 8), "reasoning": (8, 8)}])
+    monkeypatch.setattr(train_module, "validation_counts", lambda *a, **k: next(answers))
+    train(_tiny(tmp_path / "b", task=("memorize", "reasoning"), threshold=1.0))
+    evals = [m for m in read_metrics(tmp_path / "b" / "run" / "metrics.jsonl") if m["event"] == "eval"]
+    assert [e["val_accuracy"] for e in evals] == [0.5, 15 / 16] and evals[-1]["best"] == 15 / 16
+
+
+def test_select_on_names_only_trained_tasks(tmp_path, capsys):
+    from rmt_fast.cli import main
+
+    assert main(["train", str(tmp_path / "r"), "--task", "memorize", "--select-on", "reasoning"]) == 2
+    assert "--select-on" in capsys.readouterr().err
