@@ -65,3 +65,31 @@ def test_select_on_names_only_trained_tasks(tmp_path, capsys):
 
     assert main(["train", str(tmp_path / "r"), "--task", "memorize", "--select-on", "reasoning"]) == 2
     assert "--select-on" in capsys.readouterr().err
+
+
+def test_validation_counts_each_task_separately(monkeypatch):
+    """Right on every other sample by construction: each task's count is its own samples' count."""
+    import rmt_fast.evaluate as evaluate_module
+    from rmt_fast.config import RMTConfig
+    from rmt_fast.train import validation_counts
+
+    tok = T.load_tokenizer(BERT_CASED)
+    cfg = T.task_config(RMTConfig(vocab_size=len(tok), input_size=64))
+    gen = T.TaskGenerator(("memorize", "detect", "reasoning"), tok, cfg, split="validation", seed=4)
+    samples = gen.samples(1, range(60))
+
+    def fake_predict(model, docs, **kw):
+        logits = torch.zeros(len(docs), len(T.LABEL_NAMES))
+        for row, doc in enumerate(docs):
+            i = next(j for j, s in enumerate(samples) if torch.equal(s.input_ids, doc))
+            label = samples[i].label
+            logits[row, label if i % 2 == 0 else (label + 1) % len(T.LABEL_NAMES)] = 1.0
+        return logits
+
+    monkeypatch.setattr(evaluate_module, "predict", fake_predict)
+    counts = validation_counts(None, gen, 1, 60, 16, "cpu")
+    want = {}
+    for i, s in enumerate(samples):
+        c, n = want.get(s.task, (0, 0))
+        want[s.task] = (c + (i % 2 == 0), n + 1)
+    assert counts == want and len(want) == 3
