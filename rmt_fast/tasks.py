@@ -1,7 +1,8 @@
-"""The report's synthetic tasks (section 3): Memorize, Detect & Memorize, Reasoning over novel text.
+"""The report's synthetic tasks (section 3): Memorize, Detect & Memorize, Reasoning over long text.
 
 A sample is a background of whole sentences of public-domain text (``KINDS``: Jane Austen's novels,
-Shakespeare's plays and poems, the King James Bible) with one or two facts inserted at sentence boundaries and the question at the very end. Its token ids fill *exactly* ``N * S`` text tokens
+Shakespeare's plays and poems, the King James Bible) with one or two facts inserted at sentence
+boundaries and the question at the very end. Its token ids fill *exactly* ``N * S`` text tokens
 (S = ``RMTConfig.segment_size``), so the model cuts it into exactly N full segments:
 
 - the background is whole sentences, then one sentence truncated at a word boundary (a tokenizer offset

@@ -18,7 +18,7 @@ def shipped():
 def test_demo_answers_a_reasoning_document(capsys):
     assert main(["demo", "--task", "reasoning", "--tokens", "600", "--seed", "2"]) == 0
     out = capsys.readouterr().out
-    assert "(task 'reasoning')" in out and "held-out background" in out
+    assert "(task 'reasoning')" in out and "test-split background" in out
     facts = next(line for line in out.splitlines() if line.startswith("hidden fact(s):"))
     assert facts.count(" is ") == 2 and facts.count("segment") == 2             # both facts, both placed
     answer = next(line for line in out.splitlines() if line.startswith("answer:")).split()

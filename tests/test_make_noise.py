@@ -80,7 +80,7 @@ def test_speeches_and_splits(make_noise, packages, tmp_path):
                 "Nay, answer me: stand, and unfold yourself, Or I will call the guard.",
                 "Is she to be buried in Christian burial?"]
     assert [s.strip() for s in _read(out / "shakespeare-validation.txt.gz")] == speeches * 2   # hamlet, macbeth
-    assert len(_read(out / "shakespeare-test.txt.gz")) == 3 * 3                                 # othello, tempest, sonnets
+    assert len(_read(out / "shakespeare-test.txt.gz")) == 3 * 3             # othello, tempest, sonnets
     train = gzip.open(out / "shakespeare-train.txt.gz", "rt", encoding="utf-8").read()
     assert train.count("Who's there") == 2 and "folio" not in train and "Ber." not in train
     assert "Claudius" not in train and "Scene" not in train and "[" not in train
