@@ -7,15 +7,20 @@ counts are summed across processes, so the numbers do not depend on the process 
 
 Writes ``<out>/accuracy.json``, ``<out>/accuracy.md`` (the table) and ``<out>/accuracy.png``
 (accuracy against input length in tokens, log x axis, one line per model).
+
+``--run TRAIN_DIR`` (Figure 5) evaluates every curriculum stage's best model of a training run at
+lengths up to ``--max-factor`` times the longest training length and draws the grid instead: training
+segments against evaluation length, accuracy as colour, one panel per task (``heatmap.png``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -55,6 +60,38 @@ def samples_at(n_segments: int, samples: int, long_samples: Optional[int], long_
     return samples
 
 
+def _binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p), summed in log space (n up to many thousands)."""
+    if p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 1.0 if k >= n else 0.0
+    lp, lq = math.log(p), math.log1p(-p)
+    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
+             for i in range(k + 1)]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def clopper_pearson(correct: int, samples: int, level: float = 0.95) -> Tuple[float, float]:
+    """The exact (Clopper-Pearson) two-sided interval of a binomial proportion, by bisection."""
+    if samples <= 0:
+        return float("nan"), float("nan")
+    alpha = (1.0 - level) / 2
+
+    def solve(f) -> float:                       # f increasing in p: the p with f(p) = 0
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
+        return (lo + hi) / 2
+
+    # low: P(X >= correct | p) = alpha; high: P(X <= correct | p) = alpha (both sides increasing in p).
+    low = 0.0 if correct == 0 else solve(lambda p: (1 - _binomial_cdf(correct - 1, samples, p)) - alpha)
+    high = 1.0 if correct == samples else solve(lambda p: alpha - _binomial_cdf(correct, samples, p))
+    return low, high
+
+
 @dataclass
 class Row:
     model: str
@@ -65,6 +102,12 @@ class Row:
     correct: int
     accuracy: float
     seconds: float
+    ci_low: float = float("nan")     # 95% Clopper-Pearson interval of the accuracy
+    ci_high: float = float("nan")
+
+    def __post_init__(self):
+        if math.isnan(self.ci_low) and self.samples:
+            self.ci_low, self.ci_high = clopper_pearson(self.correct, self.samples)
 
 
 def evaluate_model(model, tokenizer, task: str, lengths: Sequence[int], samples: int, name: str = "model",
@@ -106,23 +149,26 @@ def evaluate_model(model, tokenizer, task: str, lengths: Sequence[int], samples:
 
 
 def table(rows: Sequence[Row]) -> str:
-    lines = ["| model | task | segments | tokens | samples | accuracy | seconds |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | task | segments | tokens | samples | accuracy | 95% interval | seconds |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r.model} | {r.task} | {r.n_segments} | {r.n_tokens:,} | {r.samples} | "
-                     f"{100 * r.accuracy:.1f}% | {r.seconds:.1f} |")
+                     f"{100 * r.accuracy:.1f}% | {100 * r.ci_low:.1f}-{100 * r.ci_high:.1f}% | {r.seconds:.1f} |")
     return "\n".join(lines)
 
 
 def plot(rows: Sequence[Row], path) -> None:
-    """Accuracy against input length in tokens, log x axis, one line per (model, task)."""
+    """Accuracy against input length in tokens, log x axis, one line per (model, task), its 95% interval shaded."""
     plt = plotting.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     keys = list(dict.fromkeys((r.model, r.task) for r in rows))
     for model, task in keys:
         rs = sorted((r for r in rows if (r.model, r.task) == (model, task)), key=lambda r: r.n_tokens)
-        ax.plot([r.n_tokens for r in rs], [100 * r.accuracy for r in rs], marker="o",
-                label=f"{model} / {task}" if len({k[1] for k in keys}) > 1 or len(keys) > 1 else model)
+        x = [r.n_tokens for r in rs]
+        line, = ax.plot(x, [100 * r.accuracy for r in rs], marker="o",
+                        label=f"{model} / {task}" if len({k[1] for k in keys}) > 1 or len(keys) > 1 else model)
+        ax.fill_between(x, [100 * r.ci_low for r in rs], [100 * r.ci_high for r in rs], color=line.get_color(),
+                        alpha=0.15, linewidth=0)
     ax.set_xscale("log")
     ax.set_xlabel("input length, text tokens (log scale)")
     ax.set_ylabel("accuracy, %")
@@ -134,17 +180,83 @@ def plot(rows: Sequence[Row], path) -> None:
     plotting.savefig(fig, path, dpi=120)
 
 
-def write_outputs(rows: Sequence[Row], out_dir, meta: Optional[dict] = None, with_plot: bool = True) -> Dict[str, Path]:
-    """accuracy.json, accuracy.md and (with_plot) accuracy.png in out_dir, each written atomically."""
+def write_outputs(rows: Sequence[Row], out_dir, meta: Optional[dict] = None, with_plot: bool = True,
+                  grid: Optional[Dict[str, dict]] = None) -> Dict[str, Path]:
+    """accuracy.json, accuracy.md and (with_plot) accuracy.png in out_dir, each written atomically.
+
+    With ``grid`` (from ``grids``: the Figure 5 layout) the JSON holds it too, the table has the grid
+    tables after the rows, and the plot is ``heatmap.png`` (a panel per task) instead of accuracy.png.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "accuracy.json", "table": out / "accuracy.md"}
-    files.write_text(paths["json"], json.dumps({"meta": meta or {}, "rows": [asdict(r) for r in rows]}, indent=2))
-    files.write_text(paths["table"], table(rows) + "\n")
-    if with_plot:
+    data = {"meta": meta or {}, "rows": [asdict(r) for r in rows]}
+    text = table(rows) + "\n"
+    if grid is not None:
+        data["grid"] = grid
+        text = grid_table(grid) + "\n\n" + text
+    files.write_text(paths["json"], json.dumps(data, indent=2))
+    files.write_text(paths["table"], text)
+    if with_plot and grid is not None:
+        paths["plot"] = out / "heatmap.png"
+        plotting.heatmaps(grid, paths["plot"])
+    elif with_plot:
         paths["plot"] = out / "accuracy.png"
         plot(rows, paths["plot"])
     return paths
+
+
+def stage_models(runs: Sequence) -> List[tuple]:
+    """(training segments n, folder) of every curriculum stage's best model in the training runs
+    (``<run>/stages/<n>/best``), sorted by n. A stage found in two runs is an error naming both."""
+    found: Dict[int, Path] = {}
+    for run in map(Path, runs):
+        if not run.is_dir():
+            raise ValueError(f"--run {run}: not a folder")
+        stages = sorted((d for d in (run / "stages").glob("*") if d.name.isdigit() and (d / "best").is_dir()),
+                        key=lambda d: int(d.name))
+        if not stages:
+            raise ValueError(f"--run {run}: no stages/<n>/best/ model in it (is it an rmt-fast train folder?)")
+        for d in stages:
+            n = int(d.name)
+            if n in found:
+                raise ValueError(f"--run: stage {n} is in both {found[n].parent.parent.parent} and {run}")
+            found[n] = d / "best"
+    return sorted(found.items())
+
+
+def grid_lengths(longest_training: int, factor: int = 4) -> List[int]:
+    """Evaluation lengths of the grid: 1, 2, 4, ... and the longest training length times 1, 2, ..., factor."""
+    top = factor * longest_training
+    return sorted(set(default_lengths(top)) | {k * longest_training for k in range(1, factor + 1)})
+
+
+def grids(rows: Sequence[Row], stages: Dict[str, int]) -> Dict[str, dict]:
+    """Per task: training segments (rows), evaluation segments (columns), accuracy [train][eval] (None: not run)."""
+    out = {}
+    for task in dict.fromkeys(r.task for r in rows):
+        rs = [r for r in rows if r.task == task and r.model in stages]
+        train = sorted({stages[r.model] for r in rs})
+        evals = sorted({r.n_segments for r in rs})
+        acc = [[None] * len(evals) for _ in train]
+        for r in rs:
+            acc[train.index(stages[r.model])][evals.index(r.n_segments)] = r.accuracy
+        out[task] = {"train_segments": train, "eval_segments": evals, "accuracy": acc}
+    return out
+
+
+def grid_table(grid: Dict[str, dict]) -> str:
+    """One markdown table per task: a row per training length, a column per evaluation length."""
+    parts = []
+    for task, g in grid.items():
+        lines = [f"**{task}** (rows: trained on n segments; columns: evaluated at n segments)", "",
+                 "| trained on | " + " | ".join(str(e) for e in g["eval_segments"]) + " |",
+                 "|---:|" + "---:|" * len(g["eval_segments"])]
+        for t, accs in zip(g["train_segments"], g["accuracy"]):
+            cells = ["–" if a is None else f"{100 * a:.0f}%" for a in accs]
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 # -- CLI ------------------------------------------------------------------------------------------
@@ -154,6 +266,11 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="*", help="rmt_fast model directories; NAME=DIR labels a line "
                                              "(default: the shipped default model)")
+    p.add_argument("--run", action="append", default=None, metavar="TRAIN_DIR",
+                   help="a training run's folder: evaluate every curriculum stage's best model (stages/<n>/best) "
+                        "and draw the grid (heatmap.png, Figure 5); repeat for a curriculum over several runs")
+    p.add_argument("--max-factor", type=positive_int, default=4,
+                   help="with --run: evaluate up to this many times the longest training length")
     p.add_argument("--task", action="append", default=None, choices=list(T.TASK_ALIASES),
                    help="memorize, detect or reasoning; repeat for several (default: memorize and detect)")
     p.add_argument("--max-segments", type=positive_int, default=4096, help="lengths 1, 2, 4, ... up to this")
@@ -201,8 +318,17 @@ def run(args) -> int:
             check_output_dir(args.out, "--out")
             if not args.no_plot:
                 plotting.require_matplotlib()
-        models = _model_specs(args.models or [f"default={default_model_dir()}"])
-        lengths = args.lengths or default_lengths(args.max_segments)
+        stages: Dict[str, int] = {}
+        if args.run:
+            if args.models:
+                raise ValueError("give either model folders or --run, not both")
+            found = stage_models(args.run)
+            stages = {f"stage {n}": n for n, _ in found}
+            models = [(f"stage {n}", path) for n, path in found]
+            lengths = args.lengths or grid_lengths(found[-1][0], args.max_factor)
+        else:
+            models = _model_specs(args.models or [f"default={default_model_dir()}"])
+            lengths = args.lengths or default_lengths(args.max_segments)
         task_names = args.task or ["memorize", "detect"]
         rows: List[Row] = []
         t0 = time.time()
@@ -219,11 +345,14 @@ def run(args) -> int:
         if rank == 0:
             meta = {"models": {n: str(p) for n, p in models}, "tasks": task_names, "split": args.split,
                     "seed": args.seed, "processes": world, "wall_s": round(time.time() - t0, 1),
-                    "torch_threads": torch.get_num_threads()}
+                    "torch_threads": torch.get_num_threads(), "runs": [str(r) for r in args.run or []]}
             try:
                 print(table(rows), flush=True)  # first: the results survive a failing write
+                if stages:
+                    print(grid_table(grids(rows, stages)), flush=True)
             finally:
-                paths = write_outputs(rows, args.out, meta, with_plot=not args.no_plot)
+                paths = write_outputs(rows, args.out, meta, with_plot=not args.no_plot,
+                                      grid=grids(rows, stages) if stages else None)
             print("wrote " + ", ".join(str(p) for p in paths.values()) + f" in {meta['wall_s']} s")
     finally:
         distributed.destroy_process_group(created)

@@ -1,14 +1,16 @@
-"""The report's synthetic tasks (section 3): Memorize, Detect & Memorize, Reasoning over novel text.
+"""The report's synthetic tasks (section 3): Memorize, Detect & Memorize, Reasoning over long text.
 
-A sample is a background of whole sentences from a Jane Austen novel with one or two facts inserted at
-sentence boundaries and the question at the very end. Its token ids fill *exactly* ``N * S`` text tokens
+A sample is a background of whole sentences of public-domain text (``KINDS``: Jane Austen's novels,
+Shakespeare's plays and poems, the King James Bible) with one or two facts inserted at sentence
+boundaries and the question at the very end. Its token ids fill *exactly* ``N * S`` text tokens
 (S = ``RMTConfig.segment_size``), so the model cuts it into exactly N full segments:
 
 - the background is whole sentences, then one sentence truncated at a word boundary (a tokenizer offset
   gap) chosen so that the count comes out exact; facts and question are never cut;
 - background sentences that name a place or a person of the tasks are dropped when the corpus is
   built, so the inserted fact is the only one in the document and the label is unambiguous;
-- train, validation and test backgrounds come from different novels (``SPLITS``);
+- train, validation and test backgrounds come from different works (``SPLITS``), and the ``heldout``
+  split from a kind of text (scripture) that no other split has;
 - sample ``i`` of a generator depends only on (task, split, seed, N, i): the same on every process
   and in every run, which is what sharded evaluation relies on.
 
@@ -41,13 +43,24 @@ OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
 TASKS = ("memorize", "detect", "reasoning")
 TASK_ALIASES = {"memorize": "memorize", "detect": "detect", "detect_and_memorize": "detect",
                 "detect-and-memorize": "detect", "reasoning": "reasoning", "qa4": "reasoning"}
+# Background sources (rmt_fast/data/noise/<name>.txt.gz) by kind of text; scripts/make_noise.py makes
+# the non-Austen ones. Each work is in one split only; the scripture kind is in "heldout" only, so a
+# model is measured on a kind of text it never saw in training or validation.
+KINDS = {
+    "novel": ("emma", "mansfield-park", "pride-and-prejudice", "sense-and-sensibility", "northanger-abbey",
+              "persuasion"),
+    "drama": ("shakespeare-train", "shakespeare-validation", "shakespeare-test"),
+    "scripture": ("kjv-bible",),
+}
 SPLITS = {
-    "train": ("emma", "mansfield-park", "pride-and-prejudice", "sense-and-sensibility"),
-    "validation": ("northanger-abbey",),
-    "test": ("persuasion",),
+    "train": ("emma", "mansfield-park", "pride-and-prejudice", "sense-and-sensibility", "shakespeare-train"),
+    "validation": ("northanger-abbey", "shakespeare-validation"),
+    "test": ("persuasion", "shakespeare-test"),
+    "heldout": ("kjv-bible",),
 }
 
-_ENTITY = re.compile(r"\b(" + "|".join(PLACES + NAMES) + r")s?\b", re.IGNORECASE)
+# Not \b: "_" is a word character, and the novels mark italics as "_office_".
+_ENTITY = re.compile(r"(?<![A-Za-z0-9])(" + "|".join(PLACES + NAMES) + r")s?(?![A-Za-z0-9])", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"'’”)]*\s+(?=[\"'‘“(]?[A-Z])")
 
 
@@ -94,7 +107,7 @@ class _Corpus:
     boundary: np.ndarray     # [T] bool: a cut just before this token does not split a word
 
 
-CORPUS_VERSION = 1  # bump when sentence splitting or filtering changes: invalidates the disk cache
+CORPUS_VERSION = 2  # bump when sentence splitting or filtering changes: invalidates the disk cache
 
 
 def _tokenizer_key(tokenizer) -> str:
@@ -115,7 +128,8 @@ _CORPUS_CACHE: dict = {}
 
 def _corpus(split: str, tokenizer) -> _Corpus:
     novels = [(n, (noise_dir() / f"{n}.txt.gz").stat().st_size) for n in SPLITS[split]]
-    key = (split, hashlib.sha1(json.dumps([novels, _tokenizer_key(tokenizer)]).encode()).hexdigest()[:16])
+    rules = [_ENTITY.pattern, _SENTENCE_END.pattern]         # a changed filter or splitter rebuilds the cache
+    key = (split, hashlib.sha1(json.dumps([novels, _tokenizer_key(tokenizer), rules]).encode()).hexdigest()[:16])
     if key in _CORPUS_CACHE:
         return _CORPUS_CACHE[key]
     cdir = cache_dir()

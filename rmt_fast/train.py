@@ -65,6 +65,7 @@ class TrainConfig:
     min_segments: int = 1
     max_segments: int = 5
     threshold: float = 0.99
+    select_on: Tuple[str, ...] = ()     # tasks whose validation accuracy picks the best and meets the threshold
     stage_steps: int = 1000
     eval_every: int = 50
     val_samples: int = 256
@@ -86,6 +87,15 @@ class TrainConfig:
         if isinstance(self.task, str):
             self.task = tuple(t for t in self.task.split(",") if t)
         self.task = tuple(self.task)
+        if self.select_on is None:
+            self.select_on = ()
+        if isinstance(self.select_on, str):
+            self.select_on = tuple(t for t in self.select_on.split(",") if t)
+        self.select_on = tuple(T.TASK_ALIASES.get(t, t) for t in self.select_on)
+        trained = {T.TASK_ALIASES.get(t, t) for t in self.task}
+        if not set(self.select_on) <= trained:
+            raise ValueError(f"--select-on {','.join(self.select_on)}: only tasks in --task {','.join(self.task)} "
+                             "are validated")
         if not 1 <= self.min_segments <= self.max_segments:
             raise ValueError(f"need 1 <= --min-segments <= --max-segments, got {self.min_segments}, "
                              f"{self.max_segments}")
@@ -104,20 +114,30 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def evaluate_accuracy(model, gen: T.TaskGenerator, n_segments: int, n_samples: int, batch_size: int,
-                      device) -> float:
-    """Validation accuracy at n_segments through the Engine, sharded over the ranks."""
+def validation_counts(model, gen: T.TaskGenerator, n_segments: int, n_samples: int, batch_size: int,
+                      device) -> dict:
+    """{task: (correct, samples)} at n_segments through the Engine, summed over the ranks."""
     from .evaluate import predict
 
     rank, world = distributed.rank_and_world()
-    idx = list(range(rank, n_samples, world))
-    correct = 0
-    if idx:
-        docs, labels = gen.batch(n_segments, idx)
-        pred = predict(model, docs, batch_size=batch_size, device=device).argmax(-1)
-        correct = int((pred == labels).sum())
-    c, n = distributed.all_reduce([correct, len(idx)], device)
-    return c / n
+    mine = gen.samples(n_segments, range(rank, n_samples, world))
+    right = {t: 0 for t in T.TASKS}
+    seen = dict(right)
+    if mine:
+        pred = predict(model, [s.input_ids for s in mine], batch_size=batch_size, device=device).argmax(-1)
+        for s, p in zip(mine, pred.tolist()):
+            right[s.task] += int(p == s.label)
+            seen[s.task] += 1
+    summed = distributed.all_reduce([right[t] for t in T.TASKS] + [seen[t] for t in T.TASKS], device)
+    k = len(T.TASKS)
+    return {t: (int(summed[i]), int(summed[k + i])) for i, t in enumerate(T.TASKS) if summed[k + i]}
+
+
+def evaluate_accuracy(model, gen: T.TaskGenerator, n_segments: int, n_samples: int, batch_size: int,
+                      device) -> float:
+    """Validation accuracy at n_segments through the Engine, sharded over the ranks."""
+    counts = validation_counts(model, gen, n_segments, n_samples, batch_size, device)
+    return sum(c for c, _ in counts.values()) / sum(n for _, n in counts.values())
 
 
 class Trainer:
@@ -264,14 +284,18 @@ class Trainer:
     def _evaluate(self, model, tokenizer, val_gen, state: dict) -> Tuple[float, bool]:
         """Validation at the stage's length; saves the stage's best. Returns (accuracy, improved)."""
         n = state["stage"]
-        acc = evaluate_accuracy(model, val_gen, n, self.cfg.val_samples, self.cfg.eval_batch_size, self.device)
+        counts = validation_counts(model, val_gen, n, self.cfg.val_samples, self.cfg.eval_batch_size, self.device)
+        # A hard task's noise should not pick the checkpoint of the easy ones (--select-on).
+        chosen = [v for t, v in counts.items() if t in self.cfg.select_on] or list(counts.values())
+        acc = sum(c for c, _ in chosen) / sum(k for _, k in chosen)
         model.train()
         improved = acc >= state["best"]  # ties: the later, longer-trained model
         if improved:
             state["best"] = acc
             if self.rank == 0:
                 save_model(model, tokenizer, self.out / "stages" / str(n) / "best")
-        self.log(event="eval", stage=n, step=state["step"], val_accuracy=acc, best=state["best"])
+        self.log(event="eval", stage=n, step=state["step"], val_accuracy=acc, best=state["best"],
+                 val_by_task={t: c / k for t, (c, k) in counts.items()})
         return acc, improved
 
     def _train_stage(self, model, tokenizer, train_gen, val_gen, state, saved):
@@ -379,6 +403,9 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                    "max_grad_norm": positive_float}
     for name, parse in float_types.items():
         p.add_argument(flag(name), type=parse, default=getattr(d, name))
+    p.add_argument("--select-on", type=_task_list, default=None,
+                   help="comma-separated tasks whose validation accuracy picks each stage's best model and is "
+                        "held against --threshold (default: all the tasks trained on)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision)
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
     p.add_argument("--stop-after", type=positive_int, default=None, help="stop resumably after this many steps")
