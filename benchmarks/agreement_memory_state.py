@@ -12,7 +12,7 @@ import time
 import torch
 
 from rmt_fast import Engine, RMTForSequenceClassification
-from rmt_fast.evaluate import default_model_dir
+from rmt_fast.cli_args import default_model_dir
 from rmt_fast.tasks import TaskGenerator
 from rmt_fast.tokenize import load_tokenizer
 

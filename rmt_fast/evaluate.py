@@ -26,7 +26,7 @@ import torch
 
 from . import distributed, files, plotting
 from . import tasks as T
-from .cli_args import check_output_dir, nonnegative_int, positive_int, positive_int_list, run_command
+from .cli_args import check_output_dir, default_model_dir, nonnegative_int, positive_int, positive_int_list, run_command
 
 
 def predict(model, docs, batch_size: int = 8, device="cpu", progress: bool = False, engine=None) -> torch.Tensor:
@@ -289,10 +289,6 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
     return p
-
-
-def default_model_dir() -> Path:
-    return Path(__file__).resolve().parent / "data" / "default_model"
 
 
 def _model_specs(specs: Sequence[str]) -> List[tuple]:

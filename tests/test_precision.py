@@ -11,7 +11,7 @@ from transformers import BertConfig
 from helpers import make_model
 from rmt_fast import Engine, RMTForSequenceClassification
 from rmt_fast import tasks
-from rmt_fast.evaluate import default_model_dir
+from rmt_fast.cli_args import default_model_dir
 
 
 @pytest.fixture(scope="module")
