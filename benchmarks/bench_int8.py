@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from rmt_fast import Engine
+from rmt_fast import Engine, files
 from rmt_fast.engine import quant
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "rmt_fast" / "data" / "default_model"
@@ -298,9 +298,7 @@ def main() -> None:
     result = {"speed": speed, "kernels": kernels, "profile": profile, "drift": drift}[args.cmd](args)
     result["command"] = "python benchmarks/bench_int8.py " + " ".join(os.sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, args.out)
+    files.write_text(args.out, json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

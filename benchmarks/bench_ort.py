@@ -30,6 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_int8 import machine, make_engine  # noqa: E402
 
+from rmt_fast import files  # noqa: E402
+
 
 def missing() -> str | None:
     for name in ("onnxruntime", "onnx"):
@@ -147,9 +149,7 @@ def main() -> None:
            "threads": args.threads, "notes": exported["notes"], "onnx_bytes": sizes, "rows": rows,
            "command": "python benchmarks/bench_ort.py " + " ".join(sys.argv[1:])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(out, indent=1))
-    os.replace(tmp_out, args.out)
+    files.write_text(args.out, json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Dict, Tuple
 
 import torch
 
@@ -38,6 +39,19 @@ def model_fingerprint(model) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def read_tagged_safetensors(path: Path, key: str) -> Tuple[object, Dict[str, torch.Tensor]]:
+    """(the JSON stored under ``key`` in the file's metadata, its tensors) of a safetensors file: a memory
+    state's or a run checkpoint's. OSError if it cannot be read; ValueError ("Type: why") if not whole."""
+    from safetensors.torch import load
+    data = path.read_bytes()
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        meta = json.loads(json.loads(data[8:8 + n])["__metadata__"][key])
+        return meta, load(data)
+    except Exception as e:  # noqa: BLE001 - any failure to parse means a damaged or foreign file
+        raise ValueError(f"{type(e).__name__}: {e}") from e
 
 
 def _checksum(memory: torch.Tensor, tail: torch.Tensor) -> str:
@@ -87,20 +101,14 @@ class MemoryState:
     @classmethod
     def load(cls, path) -> "MemoryState":
         """Read a state written by ``save``; MemoryStateError naming the file if it is not one, whole."""
-        from safetensors.torch import load
         path = Path(path)
         try:
-            data = path.read_bytes()
+            meta, tensors = read_tagged_safetensors(path, _KEY)
         except OSError as e:
             raise MemoryStateError(f"{path}: cannot read the memory state file: {e.strerror or e}") from e
-        try:
-            (n,) = struct.unpack("<Q", data[:8])
-            header = json.loads(data[8:8 + n])
-            meta = json.loads(header["__metadata__"][_KEY])
-            tensors = load(data)
-        except Exception as e:  # noqa: BLE001 - any failure to parse means a damaged or foreign file
+        except ValueError as e:
             raise MemoryStateError(f"{path}: not a readable rmt_fast memory state (truncated or corrupt: "
-                                   f"{type(e).__name__}: {e})") from e
+                                   f"{e})") from e
         if meta.get("format") != FORMAT:
             raise MemoryStateError(f"{path}: unknown memory state format {meta.get('format')!r} (expected {FORMAT})")
         memory, tail = tensors.get("memory"), tensors.get("tail")

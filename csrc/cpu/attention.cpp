@@ -44,18 +44,6 @@ namespace {
 
 constexpr int64_t kQBlock = 64;  // query rows per work item (brgemm M)
 
-// Whether the row passes and the packing take the AVX-512 code of avx512.h: where ATen itself runs
-// its AVX-512 kernels (at::get_cpu_capability(), which follows torch's own ATEN_CPU_CAPABILITY
-// switch: ATEN_CPU_CAPABILITY=avx2 takes the scalar paths, as the tests do). Read once.
-bool cpu_has_avx512() {
-#ifdef RMT_FAST_X86
-  static const bool has = at::get_cpu_capability() == "AVX512";
-  return has;
-#else
-  return false;
-#endif
-}
-
 // --- row passes without AVX-512 --------------------------------------------------------------------
 //
 // The softmax runs in base 2: with c = scale * log2(e), m = max_j(c s_j), p_j = 2^(c s_j - m).

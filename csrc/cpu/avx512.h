@@ -224,3 +224,21 @@ inline RMT_AVX512 void interleave_avx512(const uint16_t* lo, const uint16_t* hi,
 }  // namespace rmt_fast
 
 #endif  // x86-64
+
+#include <ATen/Version.h>
+
+namespace rmt_fast {
+
+// Whether the CPU kernels take the AVX-512 code of this header: where ATen itself runs its AVX-512
+// kernels (at::get_cpu_capability(), which follows torch's own ATEN_CPU_CAPABILITY switch:
+// ATEN_CPU_CAPABILITY=avx2 takes the scalar paths, as the tests do). Read once per process.
+inline bool cpu_has_avx512() {
+#ifdef RMT_FAST_X86
+  static const bool has = at::get_cpu_capability() == "AVX512";
+  return has;
+#else
+  return false;
+#endif
+}
+
+}  // namespace rmt_fast

@@ -40,20 +40,11 @@ namespace {
 constexpr float kQMax = 127.f;
 enum class Act { kNone, kGelu, kRelu };
 
-bool int8_avx512() {
-#ifdef RMT_FAST_X86
-  static const bool has = at::get_cpu_capability() == "AVX512";
-  return has;
-#else
-  return false;
-#endif
-}
-
 // The AVX512-BF16 rounding of bfloat16 outputs; RMT_FAST_INT8_NO_AVX512_BF16=1 (read once; for the
 // tests) keeps the plain AVX-512 one.
 bool int8_avx512_bf16() {
 #ifdef RMT_FAST_X86
-  static const bool has = int8_avx512() && __builtin_cpu_supports("avx512bf16") != 0 &&
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16") != 0 &&
                           std::getenv("RMT_FAST_INT8_NO_AVX512_BF16") == nullptr;
   return has;
 #else
@@ -232,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor> int8_quantize_rows_cpu(const at::Tensor& x) {
   if (R == 0) return {q, scale};
   int8_t* qd = q.data_ptr<int8_t>();
   float* sd = scale.data_ptr<float>();
-  const bool avx = int8_avx512();
+  const bool avx = cpu_has_avx512();
   dispatch_float<false>(x.scalar_type(), "rmt_fast::int8_quantize_rows: x", [&](auto zero) {
     using T = decltype(zero);
     const T* xd = x.const_data_ptr<T>();
@@ -284,7 +275,7 @@ void int8_dequantize_cpu(const at::Tensor& acc, const at::Tensor& row_scale, con
   const float* sw = col_scale.const_data_ptr<float>();
   const float* bd = bias.const_data_ptr<float>();
   const int64_t lda = acc.stride(0), ldo = out.stride(0);
-  const bool avx = int8_avx512(), native_bf16 = int8_avx512_bf16();
+  const bool avx = cpu_has_avx512(), native_bf16 = int8_avx512_bf16();
   dispatch_float<false>(out.scalar_type(), "rmt_fast::int8_dequantize: out", [&](auto zero) {
     using T = decltype(zero);
     T* od = out.data_ptr<T>();

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .. import files
+from ..memory_state import read_tagged_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -172,18 +173,13 @@ class RunCheckpoints:
         return point
 
     def _load(self, path: Path, index: int) -> ResumePoint:
-        from safetensors.torch import load
         try:
-            data = path.read_bytes()
+            meta, tensors = read_tagged_safetensors(path, _KEY)
         except OSError as e:
             raise RunCheckpointError(f"{path}: cannot read the checkpoint: {e.strerror or e}") from e
-        try:
-            (n,) = struct.unpack("<Q", data[:8])
-            meta = json.loads(json.loads(data[8:8 + n])["__metadata__"][_KEY])
-            tensors = load(data)
-        except Exception as e:  # noqa: BLE001 - any failure to parse means a damaged or foreign file
+        except ValueError as e:
             raise RunCheckpointError(f"{path}: not a readable rmt_fast run checkpoint (truncated or corrupt: "
-                                     f"{type(e).__name__}: {e}); delete it to restart that document") from e
+                                     f"{e}); delete it to restart that document") from e
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             found = meta.get("format") if isinstance(meta, dict) else None
             raise RunCheckpointError(f"{path}: unknown checkpoint format {found!r} (expected {FORMAT})")
