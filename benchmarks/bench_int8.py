@@ -11,8 +11,9 @@ drift: the shipped model (rmt_fast/data/default_model) on Detect & Memorize test
 as docs/RESULTS.md), each length's documents classified by every variant; label agreement with float32,
 accuracy, and the max |logit - float32 logit| per length.
     python benchmarks/bench_int8.py drift --segments 16,256 --samples 100 --out R.json
-Variants: float32; bfloat16; int8 (bf16 elsewhere, the shipped choice); int8-all (also the last layer's
-[CLS]/memory-row GEMMs); int8-f32 (int8 GEMMs, float32 elsewhere: int8's own error without bf16's).
+Variants: float32; bfloat16; int8 (int8 GEMMs, bf16 elsewhere, the shipped choice); int8-attn (also
+int8 attention, all layers but the last); int8-all (also the last layer's [CLS]/memory-row GEMMs);
+int8-f32 (int8 GEMMs, float32 elsewhere: int8's own error without bf16's).
 ``profile`` gives the self CPU time per torch op of one step (torch.profiler), per variant.
 ``kernels`` times the FFN-shaped GEMM as bf16 and as int8, with the int8 layer's parts.
 ``plot`` draws the max logit gap against length from one or more drift JSON files.
@@ -32,23 +33,25 @@ from rmt_fast import Engine, files
 from rmt_fast.engine import quant
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "rmt_fast" / "data" / "default_model"
-VARIANTS = {  # name -> (dtype, quantize, int8 also on the last layer's [CLS]/memory rows)
-    "float32": ("float32", None, False),
-    "bfloat16": ("bfloat16", None, False),
-    "int8": ("bfloat16", "int8", False),
-    "int8-all": ("bfloat16", "int8", True),
-    "int8-f32": ("float32", "int8", False),
+VARIANTS = {  # name -> (dtype, quantize, int8 also on the last layer's [CLS]/memory rows, int8 attention)
+    "float32": ("float32", None, False, False),
+    "bfloat16": ("bfloat16", None, False, False),
+    "int8": ("bfloat16", "int8", False, False),
+    "int8-attn": ("bfloat16", "int8", False, True),
+    "int8-all": ("bfloat16", "int8", True, False),
+    "int8-f32": ("float32", "int8", False, False),
 }
 
 
 def make_engine(model, variant: str) -> Engine:
-    dtype, quantize, all_rows = VARIANTS[variant]
-    kept = quant.LAST_LAYER_KEPT
+    dtype, quantize, all_rows, int8_attention = VARIANTS[variant]
+    kept, attention = quant.LAST_LAYER_KEPT, quant.INT8_ATTENTION
     quant.LAST_LAYER_KEPT = () if all_rows else kept
+    quant.INT8_ATTENTION = int8_attention
     try:
         return Engine(model, dtype=dtype, quantize=quantize)
     finally:
-        quant.LAST_LAYER_KEPT = kept
+        quant.LAST_LAYER_KEPT, quant.INT8_ATTENTION = kept, attention
 
 
 def machine() -> dict:

@@ -120,8 +120,7 @@ MemoryWriteSizes check_memory_write(const at::Tensor& state, const at::Tensor& h
 }
 
 AttentionSizes check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const std::optional<at::Tensor>& key_lengths, double scale) {
-  const char* op = "attention";
+                               const std::optional<at::Tensor>& key_lengths, double scale, const char* op) {
   CHECK_DIM(q, 4);
   CHECK_DIM(k, 4);
   CHECK_DIM(v, 4);

@@ -44,7 +44,8 @@ MemoryWriteSizes check_memory_write(const at::Tensor& state, const at::Tensor& h
 // attention: q (B, Tq, heads, D), k and v (B, Tk, heads, D), one dtype (float32, bfloat16, float16),
 // any strides with the last one 1; key_lengths None or (B,) int64; scale finite.
 AttentionSizes check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const std::optional<at::Tensor>& key_lengths, double scale);
+                               const std::optional<at::Tensor>& key_lengths, double scale,
+                               const char* op = "attention");
 
 // Calls f(T{}) with T the C++ type of `dtype`: float32, bfloat16 or float16, and float64 when
 // kWithDouble. One switch instead of nested AT_DISPATCH macros, so two dtypes (tables x output) can

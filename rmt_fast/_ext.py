@@ -23,14 +23,16 @@ import warnings
 import torch
 
 from ._ext_twins import (INT8_ACTIVATIONS, attention_torch, int8_dequantize_torch, int8_linear_torch,  # noqa: F401
-                         int8_quantize_rows_torch, memory_write_torch, segment_embed_torch)
+                         int8_linear_vnni_torch, int8_quantize_rows_torch,
+                         attention_int8_torch, memory_write_torch, segment_embed_torch)
 
 __all__ = [
     "available", "why_unavailable", "built_with_cuda", "info", "SCHEMAS",
     "segment_embed", "segment_embed_torch", "memory_write", "memory_write_torch",
     "attention", "attention_op", "attention_torch", "attention_why_unavailable",
     "INT8_SCHEMAS", "int8_quantize_rows", "int8_quantize_rows_torch", "int8_dequantize", "int8_dequantize_torch",
-    "int8_linear", "int8_linear_torch", "int8_kernels_compiled",
+    "int8_linear", "int8_linear_torch", "int8_linear_vnni", "int8_linear_vnni_torch", "int8_kernels_compiled",
+    "int8_vnni_compiled", "attention_int8", "attention_int8_torch",
 ]
 
 SCHEMAS = {
@@ -52,6 +54,12 @@ INT8_SCHEMAS = {
     # out [R, N] = the two above around torch._int_mm (qweight_t [K, N] int8), per block of row_block rows
     "int8_linear": "int8_linear(Tensor x, Tensor qweight_t, Tensor weight_scale, Tensor bias, str activation, "
                    "int row_block, Tensor(a!) out) -> ()",
+    # the same as int8_linear on oneDNN's u8 x s8 micro-kernel: packed [Kp/4, Np, 4] int8 (quant.pack_vnni),
+    # comp [N] int32 = 128 * the weight's column sums (csrc/cpu/int8_vnni.cpp)
+    "int8_linear_vnni": "int8_linear_vnni(Tensor x, Tensor packed, Tensor comp, Tensor weight_scale, Tensor bias, "
+                        "str activation, int row_block, Tensor(a!) out) -> ()",
+    # attention with int8 q, k, v and uint8 probabilities on the same micro-kernel (csrc/cpu/attention_int8.cpp)
+    "attention_int8": "attention_int8(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale) -> Tensor",
 }
 def _segment_embed_twin_kernel(*args) -> None:  # the schema returns nothing
     segment_embed_torch(*args)
@@ -59,7 +67,8 @@ def _segment_embed_twin_kernel(*args) -> None:  # the schema returns nothing
 
 _TWINS = {"segment_embed": _segment_embed_twin_kernel, "memory_write": memory_write_torch,
           "attention": attention_torch, "int8_quantize_rows": int8_quantize_rows_torch,
-          "int8_dequantize": int8_dequantize_torch, "int8_linear": int8_linear_torch}
+          "int8_dequantize": int8_dequantize_torch, "int8_linear": int8_linear_torch,
+          "int8_linear_vnni": int8_linear_vnni_torch, "attention_int8": attention_int8_torch}
 
 
 # --- loading rmt_fast._C and registering the twins where it has no kernel -------------------------
@@ -68,6 +77,8 @@ _C = None
 _REASON: str | None = None
 _ATTENTION_REASON: str | None = None
 _INT8_COMPILED = False
+_INT8_VNNI_COMPILED = False
+_INT8_PASSES = ("int8_quantize_rows", "int8_dequantize", "int8_linear")    # int8_kernels_compiled()
 
 
 def _load() -> None:
@@ -114,9 +125,10 @@ def _has_kernel(name: str, key: str) -> bool:
 
 def _register_twins() -> None:
     """The twins implement each op on every device (and Meta) the compiled library does not cover."""
-    global _ATTENTION_REASON, _INT8_COMPILED
+    global _ATTENTION_REASON, _INT8_COMPILED, _INT8_VNNI_COMPILED
     attention_compiled = _C is not None and _has_kernel("attention", "CPU")
-    _INT8_COMPILED = _C is not None and all(_has_kernel(n, "CPU") for n in INT8_SCHEMAS)
+    _INT8_COMPILED = _C is not None and all(_has_kernel(n, "CPU") for n in INT8_SCHEMAS if n in _INT8_PASSES)
+    _INT8_VNNI_COMPILED = _C is not None and all(_has_kernel(n, "CPU") for n in ("int8_linear_vnni", "attention_int8"))
     for name, twin in _TWINS.items():
         for key in ("CPU", "CUDA", "Meta"):
             if _C is None or not _has_kernel(name, key):
@@ -242,6 +254,24 @@ def int8_linear(x, qweight_t, weight_scale, bias, activation, row_block, out):
     """torch.ops.rmt_fast.int8_linear (semantics: int8_linear_torch); returns out."""
     torch.ops.rmt_fast.int8_linear(x, qweight_t, weight_scale, bias, activation, int(row_block), out)
     return out
+
+
+def int8_linear_vnni(x, packed, comp, weight_scale, bias, activation, row_block, out):
+    """torch.ops.rmt_fast.int8_linear_vnni (semantics: int8_linear_vnni_torch); returns out."""
+    torch.ops.rmt_fast.int8_linear_vnni(x, packed, comp, weight_scale, bias, activation, int(row_block), out)
+    return out
+
+
+def attention_int8(q, k, v, key_lengths=None, scale=None):
+    """torch.ops.rmt_fast.attention_int8 (semantics: attention_int8_torch); scale None means 1/sqrt(D)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return torch.ops.rmt_fast.attention_int8(q, k, v, key_lengths, scale)
+
+
+def int8_vnni_compiled() -> bool:
+    """True when int8_linear_vnni and attention_int8 have their compiled CPU kernels (oneDNN's u8 x s8
+    micro-kernel)."""
+    return _INT8_VNNI_COMPILED
 
 
 def int8_kernels_compiled() -> bool:

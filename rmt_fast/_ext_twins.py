@@ -141,15 +141,8 @@ def memory_write_torch(state, hidden, row_offset, slots):
     state.copy_(torch.where((owner >= 0)[:, None, None], rows[owner.clamp(min=0)], state))
 
 
-def attention_torch(q, k, v, key_lengths=None, scale=None):
-    """softmax(scale * q k^T + key padding mask) v in float32, as torch.ops.rmt_fast.attention.
-
-    q: (B, Tq, heads, D); k, v: (B, Tk, heads, D), one dtype (float32, bfloat16 or float16), any
-    strides; key_lengths: None or (B,) int64, keys at positions >= key_lengths[b] masked, a row with
-    no key gives zeros; scale: float (None: 1/sqrt(D)). Returns (B, Tq, heads * D) contiguous in q's
-    dtype.
-    """
-    op = "attention"
+def _check_attention(op, q, k, v, key_lengths, scale):
+    """The attention ops' argument checks; returns (B, Tq, heads, D, scale)."""
     spec = [("q", q, "B Tq heads D", _HALF_OR_FLOAT), ("k", k, "B Tk heads D", "q"), ("v", v, "B Tk heads D", "q")]
     if key_lengths is not None:
         spec.append(("key_lengths", key_lengths, "B", (torch.int64,)))
@@ -161,6 +154,18 @@ def attention_torch(q, k, v, key_lengths=None, scale=None):
     if key_lengths is not None and key_lengths.device.type == "cpu" and bool((key_lengths < 0).any()):
         b = int((key_lengths < 0).nonzero()[0])
         _fail(op, f"key_lengths[{b}] = {int(key_lengths[b])} is negative")
+    return B, Tq, Hh, D, scale
+
+
+def attention_torch(q, k, v, key_lengths=None, scale=None):
+    """softmax(scale * q k^T + key padding mask) v in float32, as torch.ops.rmt_fast.attention.
+
+    q: (B, Tq, heads, D); k, v: (B, Tk, heads, D), one dtype (float32, bfloat16 or float16), any
+    strides; key_lengths: None or (B,) int64, keys at positions >= key_lengths[b] masked, a row with
+    no key gives zeros; scale: float (None: 1/sqrt(D)). Returns (B, Tq, heads * D) contiguous in q's
+    dtype.
+    """
+    B, Tq, Hh, D, scale = _check_attention("attention", q, k, v, key_lengths, scale)
     qh, kh, vh = (x.float().transpose(1, 2) for x in (q, k, v))               # [B, Hh, T, D]
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale                   # [B, Hh, Tq, Tk]
     if key_lengths is not None:
@@ -210,3 +215,61 @@ def int8_linear_torch(x, qweight_t, weight_scale, bias, activation, row_block, o
     for r in range(0, x.shape[0], row_block):
         q, scale = int8_quantize_rows_torch(x[r:r + row_block])
         int8_dequantize_torch(torch._int_mm(q, qweight_t), scale, weight_scale, bias, activation, out[r:r + row_block])
+
+
+def int8_linear_vnni_torch(x, packed, comp, weight_scale, bias, activation, row_block, out):
+    """int8_linear with the weight in the micro-kernel's layout: packed [Np/64, Kp/4, 64, 4] int8 holds
+    w [K, N] (packed[n // 64, k // 4, n % 64, k % 4] = w[k, n], zeros in the padding to Kp = K rounded
+    up to 4 and Np = N rounded up to 64), comp [N] int32 = 128 * w.sum(0) (the kernel's zero-point
+    correction). Returns None."""
+    op = "int8_linear_vnni"
+    K, N = x.shape[1], out.shape[1]
+    want = (-(-N // 64), -(-K // 4), 64, 4)
+    if packed.dtype != torch.int8 or tuple(packed.shape) != want:
+        _fail(op, f"packed has shape {list(packed.shape)} ({packed.dtype}) but x has K = {K} and out N = {N} "
+                  f"columns: want {list(want)} int8")
+    if comp.dtype != torch.int32 or tuple(comp.shape) != (N,):
+        _fail(op, f"comp must be int32, of shape (N) = [{N}], got {comp.dtype} of shape {list(comp.shape)}")
+    w = packed.permute(1, 3, 0, 2).reshape(want[1] * 4, want[0] * 64)[:K, :N]       # [K, N] int8
+    int8_linear_torch(x, w, weight_scale, bias, activation, row_block, out)
+
+
+_LOG2_255 = torch.tensor(7.99435343685885793, dtype=torch.float32)
+
+
+def attention_int8_torch(q, k, v, key_lengths=None, scale=None, kv_block=512):
+    """torch.ops.rmt_fast.attention_int8's arithmetic (csrc/cpu/attention_int8.cpp) with torch ops:
+    q and k quantized per row (token, head), v per column over the keys, int32-exact products, an
+    online softmax over blocks of ``kv_block`` keys whose probabilities are rounded to multiples of
+    1/255 of the running row max. Arguments and result as attention_torch."""
+    B, Tq, Hh, D, scale = _check_attention("attention_int8", q, k, v, key_lengths, scale)
+    Tk = k.shape[1]
+    c = torch.tensor(scale * 1.4426950408889634, dtype=torch.float32)
+    out = torch.zeros(B, Hh, Tq, D, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        L = Tk if key_lengths is None else min(int(key_lengths[b]), Tk)
+        if L == 0:
+            continue
+        qi, sq = int8_quantize_rows_torch(q[b].reshape(Tq * Hh, D))                # [Tq*Hh, D], [Tq*Hh, 1]
+        ki, sk = int8_quantize_rows_torch(k[b, :L].reshape(L * Hh, D))
+        qi, sq = qi.view(Tq, Hh, D).transpose(0, 1), sq.view(Tq, Hh, 1).transpose(0, 1)   # [Hh, Tq, D], [Hh, Tq, 1]
+        ki, skc = ki.view(L, Hh, D).transpose(0, 1), (sk * c).view(L, Hh).t()[:, None, :]  # [Hh, L, D], [Hh, 1, L]
+        vf = v[b, :L].float().transpose(0, 1)                                      # [Hh, L, D]
+        sv = vf.abs().amax(dim=1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny).div_(127)   # [Hh, 1, D]
+        vi = (vf / sv).round_()
+        y = (qi.double() @ ki.double().transpose(1, 2)).float() * skc             # [Hh, Tq, L], exact sums
+        m = l = o = None
+        for s in range(0, L, kv_block):
+            yb = y[:, :, s:s + kv_block]
+            m_blk = sq * yb.amax(-1, keepdim=True)                                 # sq > 0: the max of sq * y
+            m_new = m_blk if m is None else torch.maximum(m, m_blk)
+            pu = torch.exp2(torch.addcmul(-(m_new - _LOG2_255), yb, sq)).round_()  # 255 * 2^(x - m), [Hh, Tq, len]
+            add = (pu.double() @ vi[:, s:s + kv_block].double()).float() * sv     # [Hh, Tq, D]
+            if m is None:
+                l, o = pu.sum(-1, keepdim=True), add
+            else:
+                alpha = torch.exp2(m - m_new)
+                l, o = l * alpha + pu.sum(-1, keepdim=True), o * alpha + add
+            m = m_new
+        out[b] = o / l
+    return out.transpose(1, 2).reshape(B, Tq, Hh * D).to(q.dtype)

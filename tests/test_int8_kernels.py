@@ -196,8 +196,10 @@ def test_opcheck():
 @pytest.mark.skipif(not COMPILED, reason="no compiled int8 kernels")
 def test_compiled_kernels_back_the_ops():
     """The CPU kernels are the compiled ones (not the twins), and the layer calls the ops."""
+    files = {"int8_linear_vnni": "int8_vnni.cpp", "attention_int8": "attention_int8.cpp"}
     for name in _ext.INT8_SCHEMAS:
-        assert "int8.cpp" in torch._C._dispatch_dump(f"rmt_fast::{name}").split("CPU:")[1].splitlines()[0]
+        want = files.get(name, "int8.cpp")
+        assert want in torch._C._dispatch_dump(f"rmt_fast::{name}").split("CPU:")[1].splitlines()[0], name
 
 
 @pytest.mark.parametrize("switch,capability", [
@@ -259,6 +261,7 @@ def test_int8_linear_runs_on_the_ops(act, monkeypatch):
     monkeypatch.setattr(_ext, "int8_quantize_rows", _ext.int8_quantize_rows_torch)
     monkeypatch.setattr(_ext, "int8_dequantize", lambda *a: _ext.int8_dequantize_torch(*a) or a[-1])
     monkeypatch.setattr(_ext, "int8_linear", lambda *a: _ext.int8_linear_torch(*a) or a[-1])
+    monkeypatch.setattr(_ext, "int8_linear_vnni", lambda *a: _ext.int8_linear_vnni_torch(*a) or a[-1])
     got["twins"] = (lin(x), int8_linear_oracle(lin, x, act).view(2, 300, 45))
     for name, (y, want) in got.items():
         err = (y.double() - want).abs()
@@ -272,7 +275,7 @@ def test_int8_linear_calls_the_fused_kernels_only():
     from torch.profiler import profile
 
     from rmt_fast.engine.quant import Int8Linear
-    lin = Int8Linear(torch.randn(64, 48), torch.randn(64), "gelu", out_dtype=torch.bfloat16)
+    lin = Int8Linear(torch.randn(64, 48), torch.randn(64), "gelu", out_dtype=torch.bfloat16, kernel="int_mm")
     x = torch.randn(600, 48).to(torch.bfloat16)
     with profile() as prof:
         lin(x)

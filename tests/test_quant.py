@@ -131,7 +131,8 @@ def small_model():
 def test_engine_int8_reports_which_gemms_are_int8():
     engine = Engine(small_model(), dtype="bfloat16", quantize="int8")
     plan = engine.plan
-    assert plan.quantize == "int8" and plan.quantize_status.startswith("int8 (torch._int_mm")
+    assert plan.quantize == "int8" and plan.quantize_status.startswith(f"int8 ({quant.cpu_int8_isa()}")
+    assert ("micro-kernel" if quant.vnni_problem() is None else "torch._int_mm") in plan.quantize_status
     # Every GEMM of layers 0-1; in the last layer only the key/value projection (every row); its
     # [CLS]/memory-row GEMMs stay in bfloat16 (docs/PERF.md: measured drift).
     want = [f"layer {i} {n}" for i in (0, 1) for n in ("qkv", "out", "ffn_in", "ffn_out")] + ["layer 2 kv"]

@@ -26,7 +26,7 @@ from .. import _ext
 from ..model import RMTForSequenceClassification
 from . import backends
 from .linear import Linear, packing_available
-from .quant import check_quantize, int8_gemms, make_linear
+from .quant import check_quantize, int8_attention, int8_gemms, make_linear
 
 
 @dataclass
@@ -122,6 +122,7 @@ class InferencePlan:
                 ffn_out=lin("ffn_out", low(layer.output.dense.weight), low(layer.output.dense.bias)),
                 ln2_w=low(layer.output.LayerNorm.weight), ln2_b=low(layer.output.LayerNorm.bias)))
         self.int8_gemms = int8_gemms(self.layers)                                       # ['layer 0 qkv', ...]
+        self.int8_attention = [quantize == "int8" and int8_attention(i == last) for i in range(last + 1)]
         self.pooler_w, self.pooler_b = low(model.bert.pooler.dense.weight), low(model.bert.pooler.dense.bias)
         classifier = model.model.classifier
         self.cls_w, self.cls_b = low(classifier.weight), low(classifier.bias)
@@ -163,6 +164,9 @@ class InferencePlan:
 
     def _attend(self, index: int, q, k, v, key_lengths):
         key = (index, key_lengths is not None)
+        if self.int8_attention[index]:
+            self._chosen[key] = "cpp_int8"
+            return _ext.attention_int8(q, k, v, key_lengths, scale=1.0)
         name = self._chosen.get(key)
         if name is None:
             name = self._chosen[key] = backends.select(self.attention, q, k, v, key_lengths)

@@ -1,4 +1,4 @@
-"""int8 linear layers for the CPU plan: int8 x int8 products accumulated in int32 by ``torch._int_mm``.
+"""int8 linear layers for the CPU plan: int8 x int8 products accumulated in int32.
 
 - Weights are quantized once, when the plan is built: symmetric, one scale per output channel
   (``w ~ scale_w[n] * q_w[n, k]``, ``q_w`` in [-127, 127]).
@@ -7,11 +7,14 @@
 - ``y[r, n] = scale_x[r] * scale_w[n] * sum_k q_x[r, k] q_w[n, k] + bias[n]``: the sum is exact (int32),
   the rest in float32, rounded once to the plan's dtype at the end (after the activation, as the bf16
   path's fused GELU does).
-- The passes around the GEMM are one fused kernel each (csrc/cpu/int8.cpp through ``rmt_fast._ext``):
-  quantize per token, and dequantize + scales + bias + GELU/ReLU + cast; where the extension is not
-  built their torch twins run the same arithmetic as several torch ops (slower; same integers).
+- Two kernels give the same bits (``INT8_KERNELS``; docs/ARCHITECTURE.md, "int8"): ``vnni``, oneDNN's
+  u8 x s8 micro-kernel on a weight packed once (``pack_vnni``), each output tile dequantized in cache
+  (csrc/cpu/int8_vnni.cpp), where ``vnni_problem()`` finds it runs; else ``int_mm``, ``torch._int_mm``
+  between fused passes (quantize per token; dequantize + scales + bias + GELU/ReLU + cast;
+  csrc/cpu/int8.cpp). Where the extension is not built their torch twins run the same arithmetic as
+  several torch ops (slower; same integers).
 
-Why ``torch._int_mm`` and not fbgemm's dynamic linear (``torch.ops.quantized.linear_dynamic``) nor
+Why not fbgemm's dynamic linear (``torch.ops.quantized.linear_dynamic``) nor
 oneDNN's ``qlinear_pointwise``: fbgemm quantizes activations with one scale for the whole tensor
 (asymmetric uint8), not per token, and oneDNN's op takes one activation scale as well and ran a slow
 reference path for signed int8 input here. Measurements: docs/ARCHITECTURE.md and docs/PERF.md.
@@ -33,10 +36,19 @@ from .linear import Linear
 
 QMAX = 127                                    # symmetric: -127..127 (never -128)
 ROW_BLOCK = 256                               # rows quantized, multiplied and dequantized at a time
+INT8_KERNELS = ("vnni", "int_mm")
+# The GEMM kernel of new Int8Linear layers: None picks "vnni" where it runs (vnni_problem() is None),
+# else "int_mm"; benchmarks/bench_int8.py sets it to compare the two.
+KERNEL: Optional[str] = None
 QUANTIZE_MODES = (None, "int8")
 # GEMMs of the last layer that stay in the plan's dtype (they compute [CLS] and the memory rows only);
 # benchmarks/bench_int8.py empties it to measure the drift of int8 there.
 LAST_LAYER_KEPT = ("q", "out", "ffn_in", "ffn_out")
+# Attention in int8 (csrc/cpu/attention_int8.cpp) in every layer but the last, whose queries are [CLS]
+# and the memory rows. Off: measured, its 8-bit probabilities made the shipped model lose a fact that
+# float32 and the int8 GEMMs keep (docs/PERF.md, "int8 attention"); bench_int8.py's int8-attn variant
+# turns it on to measure.
+INT8_ATTENTION = False
 
 
 def quantize_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -74,6 +86,46 @@ def _int_mm_problem() -> Optional[str]:
     return None
 
 
+def pack_vnni(qweight_t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """qweight_t [K, N] int8 -> (packed [Np/64, Kp/4, 64, 4] int8, comp [N] int32): the layout of
+    oneDNN's u8 x s8 micro-kernel in panels of 64 columns (packed[n // 64, k // 4, n % 64, k % 4] =
+    w[k, n]; zeros pad K to a multiple of 4 and N to one of 64) and 128 * the column sums, which undo
+    the activations' zero point 128."""
+    K, N = qweight_t.shape
+    Kp, Np = -(-K // 4) * 4, -(-N // 64) * 64
+    w = torch.zeros(Kp, Np, dtype=torch.int8)
+    w[:K, :N] = qweight_t
+    packed = w.view(Kp // 4, 4, Np // 64, 64).permute(2, 0, 3, 1).contiguous()  # [Np/64, Kp/4, 64, 4]
+    comp = (qweight_t.sum(0, dtype=torch.int32) * 128).to(torch.int32)        # [N]
+    return packed, comp
+
+
+def unpack_vnni(packed: torch.Tensor, K: int, N: int) -> torch.Tensor:
+    """packed [Np/64, Kp/4, 64, 4] int8 -> qweight_t [K, N] int8 (the inverse of pack_vnni)."""
+    P, K4 = packed.shape[:2]
+    return packed.permute(1, 3, 0, 2).reshape(K4 * 4, P * 64)[:K, :N]
+
+
+@lru_cache(maxsize=None)
+def vnni_problem() -> Optional[str]:
+    """None if the "vnni" kernel (oneDNN's u8 x s8 micro-kernel, csrc/cpu/int8_vnni.cpp) runs here and
+    is exact on a small odd problem, else why not."""
+    if not _ext.int8_vnni_compiled():
+        return "rmt_fast._C has no int8_linear_vnni kernel (not built, or built before it existed)"
+    if cpu_int8_isa() not in ("avx512_vnni", "amx_int8"):
+        return f"the CPU has no AVX512-VNNI/AMX int8 instructions ({cpu_int8_isa() or 'none'})"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(19, 37, generator=g)
+    q, scale = quantize_weight(torch.randn(21, 37, generator=g))
+    bias, want, got = torch.randn(21, generator=g), torch.empty(19, 21), torch.empty(19, 21)
+    try:
+        _ext.int8_linear(x, q.t(), scale, bias, "none", 8, want)
+        _ext.int8_linear_vnni(x, *pack_vnni(q.t()), scale, bias, "none", 8, got)
+    except RuntimeError as e:
+        return f"int8_linear_vnni failed: {str(e).splitlines()[0]}"
+    return None if torch.equal(got, want) else "int8_linear_vnni disagrees with int8_linear"
+
+
 @lru_cache(maxsize=None)
 def cpu_int8_isa() -> Optional[str]:
     """The CPU's int8 dot-product instructions ('amx_int8', 'avx512_vnni', 'avx_vnni'), None without."""
@@ -101,18 +153,28 @@ def check_quantize(quantize: Optional[str], device: torch.device) -> Optional[st
     why_not = int8_available(device)
     if why_not:
         raise ValueError(f"int8 (quantize='int8', --quantize int8) is not possible here: {why_not}")
+    isa = cpu_int8_isa()
     passes = ("fused quantize/dequantize kernels" if _ext.int8_kernels_compiled() else
               "quantize/dequantize as torch ops: rmt_fast._C is not built, slower")
-    isa = cpu_int8_isa()
     if isa is None:
         return ("int8 (torch._int_mm; this CPU has no VNNI/AMX int8 instructions: oneDNN's slower int8 "
-                f"path, likely slower than bfloat16; {passes})")
-    return f"int8 (torch._int_mm, {isa}; {passes})"
+                f"path, likely slower than bfloat16; {passes}; bf16 attention)")
+    if vnni_problem() is not None:
+        return f"int8 (torch._int_mm, {isa}; {passes}; bf16 attention: {vnni_problem()})"
+    gemm = ("oneDNN's u8 x s8 micro-kernel, dequantized in its tiles" if (KERNEL or "vnni") == "vnni" else
+            f"torch._int_mm, {passes}")
+    attention = "int8 attention but in the last layer" if INT8_ATTENTION else "bf16 attention"
+    return f"int8 ({isa}; {gemm}; {attention})"
 
 
 def int8_gemm(name: str, last_layer: bool) -> bool:
     """Whether the GEMM ``name`` (qkv, q, kv, out, ffn_in, ffn_out) runs in int8 (docs/PERF.md)."""
     return not (last_layer and name in LAST_LAYER_KEPT)
+
+
+def int8_attention(last_layer: bool) -> bool:
+    """Whether a layer's attention runs in int8 (``attention_int8``) under quantize="int8"."""
+    return INT8_ATTENTION and not last_layer and vnni_problem() is None
 
 
 class Int8Linear:
@@ -125,10 +187,16 @@ class Int8Linear:
     quantized = True
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, act: Optional[str] = None,
-                 out_dtype: torch.dtype = torch.bfloat16):
+                 out_dtype: torch.dtype = torch.bfloat16, kernel: Optional[str] = None):
         self.out_features, self.in_features = weight.shape
         q, self.weight_scale = quantize_weight(weight)                          # [N, K] int8, [N] f32
-        self.qweight_t = q.t()                                                  # [K, N] view
+        self.kernel = kernel or KERNEL or ("vnni" if vnni_problem() is None else "int_mm")
+        if self.kernel not in INT8_KERNELS:
+            raise ValueError(f"int8 kernel {self.kernel!r} is not one of {INT8_KERNELS}")
+        if self.kernel == "vnni":
+            self.packed, self.comp = pack_vnni(q.t())                           # [Np/64, Kp/4, 64, 4], [N]
+        else:
+            self._qweight_t = q.t()                                             # [K, N] view
         self.bias = bias.detach().float().contiguous()                          # [N] float32
         self.out_dtype = out_dtype
         # activations the dequantize kernel applies itself (HF "gelu" is the exact, erf GELU); any
@@ -138,6 +206,13 @@ class Int8Linear:
         if self._fused is None:
             from transformers.activations import ACT2FN
             self._act = ACT2FN[act]
+
+    @property
+    def qweight_t(self) -> torch.Tensor:
+        """The int8 weight, [K, N] (a view, or unpacked from the "vnni" layout)."""
+        if self.kernel == "vnni":
+            return unpack_vnni(self.packed, self.in_features, self.out_features)
+        return self._qweight_t
 
     @property
     def nbytes(self) -> int:
@@ -154,7 +229,9 @@ class Int8Linear:
         # took 2.3x the CPU time of 8 single segments, docs/PERF.md); at most ROW_BLOCK rows, fewer
         # where that leaves a thread without a block.
         block = min(ROW_BLOCK, max(16, -(-rows.shape[0] // torch.get_num_threads())))
-        if self._act is None:                # one op: quantize, GEMM, dequantize + activation + cast
+        if self._act is None and self.kernel == "vnni":   # one op, the dequantize in the GEMM's tiles
+            _ext.int8_linear_vnni(rows, self.packed, self.comp, self.weight_scale, self.bias, self._fused, block, out)
+        elif self._act is None:              # one op: quantize, GEMM, dequantize + activation + cast
             _ext.int8_linear(rows, self.qweight_t, self.weight_scale, self.bias, self._fused, block, out)
         else:
             for r in range(0, rows.shape[0], block):
