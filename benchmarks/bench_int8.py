@@ -11,7 +11,8 @@ drift: the shipped model (rmt_fast/data/default_model) on Detect & Memorize test
 as docs/RESULTS.md), each length's documents classified by every variant; label agreement with float32,
 accuracy, and the max |logit - float32 logit| per length.
     python benchmarks/bench_int8.py drift --segments 16,256 --samples 100 --out R.json
-Variants: float32; bfloat16; int8 (int8 GEMMs, bf16 elsewhere, the shipped choice); int8-attn (also
+Variants: float32; bfloat16; int8 (int8 GEMMs, bf16 elsewhere, the shipped choice); int8-intmm (the
+same on the torch._int_mm kernel); int8-attn (also
 int8 attention, all layers but the last); int8-all (also the last layer's [CLS]/memory-row GEMMs);
 int8-f32 (int8 GEMMs, float32 elsewhere: int8's own error without bf16's).
 ``profile`` gives the self CPU time per torch op of one step (torch.profiler), per variant.
@@ -33,25 +34,27 @@ from rmt_fast import Engine, files
 from rmt_fast.engine import quant
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "rmt_fast" / "data" / "default_model"
-VARIANTS = {  # name -> (dtype, quantize, int8 also on the last layer's [CLS]/memory rows, int8 attention)
-    "float32": ("float32", None, False, False),
-    "bfloat16": ("bfloat16", None, False, False),
-    "int8": ("bfloat16", "int8", False, False),
-    "int8-attn": ("bfloat16", "int8", False, True),
-    "int8-all": ("bfloat16", "int8", True, False),
-    "int8-f32": ("float32", "int8", False, False),
+VARIANTS = {  # name -> (dtype, quantize, int8 also on the last layer's [CLS]/memory rows, int8 attention,
+    #                   int8 GEMM kernel: None = the default)
+    "float32": ("float32", None, False, False, None),
+    "bfloat16": ("bfloat16", None, False, False, None),
+    "int8": ("bfloat16", "int8", False, False, None),
+    "int8-intmm": ("bfloat16", "int8", False, False, "int_mm"),
+    "int8-attn": ("bfloat16", "int8", False, True, None),
+    "int8-all": ("bfloat16", "int8", True, False, None),
+    "int8-f32": ("float32", "int8", False, False, None),
 }
 
 
 def make_engine(model, variant: str) -> Engine:
-    dtype, quantize, all_rows, int8_attention = VARIANTS[variant]
-    kept, attention = quant.LAST_LAYER_KEPT, quant.INT8_ATTENTION
+    dtype, quantize, all_rows, int8_attention, kernel = VARIANTS[variant]
+    kept, attention, default_kernel = quant.LAST_LAYER_KEPT, quant.INT8_ATTENTION, quant.KERNEL
     quant.LAST_LAYER_KEPT = () if all_rows else kept
-    quant.INT8_ATTENTION = int8_attention
+    quant.INT8_ATTENTION, quant.KERNEL = int8_attention, kernel
     try:
         return Engine(model, dtype=dtype, quantize=quantize)
     finally:
-        quant.LAST_LAYER_KEPT, quant.INT8_ATTENTION = kept, attention
+        quant.LAST_LAYER_KEPT, quant.INT8_ATTENTION, quant.KERNEL = kept, attention, default_kernel
 
 
 def machine() -> dict:
@@ -133,27 +136,32 @@ def fbgemm_linear(w: torch.Tensor, b: torch.Tensor):
 
 
 def kernels(args) -> dict:
-    """The FFN input GEMM (rows x 768 @ 768 x 3072, GELU) as bf16 oneDNN, as Int8Linear and as fbgemm's
-    dynamic int8 linear, and the int8 layer's parts, interleaved; best and median of ``reps`` ms."""
+    """The FFN input GEMM (rows x 768 @ 768 x 3072, GELU) as bf16 oneDNN, as Int8Linear on its two
+    kernels (int_mm, vnni) and as fbgemm's dynamic int8 linear, and the int_mm layer's parts,
+    interleaved; best and median of ``reps`` ms."""
     from rmt_fast import _ext
     from rmt_fast.engine.linear import Linear
     from rmt_fast.engine.quant import Int8Linear, quantize_rows
     M, K, N = args.rows, 768, 3072
     x = torch.randn(M, K).to(torch.bfloat16)
     w, b = torch.randn(N, K) / K ** 0.5, torch.randn(N)
-    int8, bf16 = Int8Linear(w, b, "gelu"), Linear(w.to(torch.bfloat16), b.to(torch.bfloat16), "gelu", pack=True)
+    int8, bf16 = Int8Linear(w, b, "gelu", kernel="int_mm"), Linear(w.to(torch.bfloat16), b.to(torch.bfloat16),
+                                                                   "gelu", pack=True)
     blk = min(M, quant.ROW_BLOCK)
     qx, sx = quantize_rows(x[:blk])
     acc = torch._int_mm(qx, int8.qweight_t)
     out = torch.empty(blk, N, dtype=torch.bfloat16)
     n_blocks = -(-M // blk)
-    cases = {"bf16 packed GEMM + GELU": lambda: bf16(x), "Int8Linear + GELU (all below)": lambda: int8(x),
+    cases = {"bf16 packed GEMM + GELU": lambda: bf16(x), "Int8Linear int_mm + GELU (all below)": lambda: int8(x),
              f"quantize activations ({n_blocks} x {blk} rows)":
                  lambda: [quantize_rows(x[:blk]) for _ in range(n_blocks)],
              f"torch._int_mm ({n_blocks} x {blk} rows)":
                  lambda: [torch._int_mm(qx, int8.qweight_t) for _ in range(n_blocks)],
              f"dequantize + bias + GELU + bf16 ({n_blocks} x {blk} rows)": lambda: [
                  _ext.int8_dequantize(acc, sx, int8.weight_scale, int8.bias, "gelu", out) for _ in range(n_blocks)]}
+    if quant.vnni_problem() is None:
+        vnni = Int8Linear(w, b, "gelu", kernel="vnni")
+        cases["Int8Linear vnni + GELU (micro-kernel, tile epilogue)"] = lambda: vnni(x)
     fbgemm = fbgemm_linear(w, b)
     if fbgemm is not None:
         xf = x.float()
