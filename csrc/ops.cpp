@@ -10,6 +10,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "rmt_fast.h"
@@ -117,6 +118,20 @@ MemoryWriteSizes check_memory_write(const at::Tensor& state, const at::Tensor& h
   CHECK_DEVICE(hidden, dev);
   CHECK_DEVICE(slots, dev);
   return {S, M, H, B, R};
+}
+
+std::vector<int64_t> host_key_lengths(const std::optional<at::Tensor>& key_lengths, int64_t B, int64_t Tk,
+                                      const char* op) {
+  std::vector<int64_t> lens(B, Tk);
+  if (key_lengths.has_value()) {
+    const at::Tensor kl = key_lengths->contiguous();
+    const int64_t* p = kl.const_data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(p[b] >= 0, "rmt_fast::", op, ": key_lengths[", b, "] = ", p[b], " is negative");
+      lens[b] = std::min(p[b], Tk);
+    }
+  }
+  return lens;
 }
 
 AttentionSizes check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

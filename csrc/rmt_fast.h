@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <optional>
 #include <utility>
+#include <vector>
 
 namespace rmt_fast {
 
@@ -46,6 +47,10 @@ MemoryWriteSizes check_memory_write(const at::Tensor& state, const at::Tensor& h
 AttentionSizes check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& key_lengths, double scale,
                                const char* op = "attention");
+// The CPU attention kernels' key lengths: key_lengths[b] clamped to Tk (a length past the keys masks
+// nothing), Tk for every row without key_lengths; a negative length is an error naming op and b.
+std::vector<int64_t> host_key_lengths(const std::optional<at::Tensor>& key_lengths, int64_t B, int64_t Tk,
+                                      const char* op);
 
 // Calls f(T{}) with T the C++ type of `dtype`: float32, bfloat16 or float16, and float64 when
 // kWithDouble. One switch instead of nested AT_DISPATCH macros, so two dtypes (tables x output) can

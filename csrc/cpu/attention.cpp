@@ -297,16 +297,7 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   const AttentionSizes sz = check_attention(q, k, v, key_lengths, scale);
   at::Tensor out = at::empty({sz.B, sz.Tq, sz.H * sz.D}, q.options());
   if (out.numel() == 0) return out;
-  // key lengths, clamped to Tk (a length past the keys masks nothing); negative is an error
-  std::vector<int64_t> lens(sz.B, sz.Tk);
-  if (key_lengths.has_value()) {
-    const at::Tensor kl = key_lengths->contiguous();
-    const int64_t* p = kl.const_data_ptr<int64_t>();
-    for (int64_t b = 0; b < sz.B; ++b) {
-      TORCH_CHECK(p[b] >= 0, "rmt_fast::attention: key_lengths[", b, "] = ", p[b], " is negative");
-      lens[b] = std::min(p[b], sz.Tk);
-    }
-  }
+  const std::vector<int64_t> lens = host_key_lengths(key_lengths, sz.B, sz.Tk, "attention");
   const float s = static_cast<float>(scale);
   switch (q.scalar_type()) {
     case at::kFloat:

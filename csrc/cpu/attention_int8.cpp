@@ -308,15 +308,7 @@ at::Tensor attention_int8_cpu(const at::Tensor& q, const at::Tensor& k, const at
   const AttentionSizes sz = check_attention(q, k, v, key_lengths, scale, "attention_int8");
   at::Tensor out = at::empty({sz.B, sz.Tq, sz.H * sz.D}, q.options());
   if (out.numel() == 0) return out;
-  std::vector<int64_t> lens(sz.B, sz.Tk);
-  if (key_lengths.has_value()) {
-    const at::Tensor kl = key_lengths->contiguous();
-    const int64_t* p = kl.const_data_ptr<int64_t>();
-    for (int64_t b = 0; b < sz.B; ++b) {
-      TORCH_CHECK(p[b] >= 0, "rmt_fast::attention_int8: key_lengths[", b, "] = ", p[b], " is negative");
-      lens[b] = std::min(p[b], sz.Tk);
-    }
-  }
+  const std::vector<int64_t> lens = host_key_lengths(key_lengths, sz.B, sz.Tk, "attention_int8");
   dispatch_float<false>(q.scalar_type(), "rmt_fast::attention_int8: q", [&](auto zero) {
     attention_int8_kernel<decltype(zero)>(q, k, v, lens, static_cast<float>(scale), out, sz);
   });
