@@ -133,7 +133,7 @@ def test_killed_with_sigkill_mid_document_then_rerun_resumes(model_dir, tmp_path
     assert main(cmd[3:]) == 0                          # the same command, in this process
     err = capsys.readouterr().err
     unfinished = {k: s for k, (s, done) in saved.items() if not done}
-    assert f"{len(unfinished)} documents resumed" in err, err
+    assert f"{len(unfinished)} document{'' if len(unfinished) == 1 else 's'} resumed" in err, err
     for k, s in unfinished.items():
         assert f"{names[k]} at segment {s}" in err
     fresh = [k for k in range(answered, len(names)) if k not in saved]
@@ -142,3 +142,15 @@ def test_killed_with_sigkill_mid_document_then_rerun_resumes(model_dir, tmp_path
     assert [r["input"] for r in got] == names
     assert [r["logits"] for r in got] == [r["logits"] for r in want]
     assert not ck.exists()
+
+
+def test_summary_counts_read_as_english():
+    from rmt_fast.engine.run_checkpoints import summary
+    report = {"resumed": {4: 128}, "finished": [1, 2], "fresh": [], "segments_skipped": 1,
+              "checkpoints_written": 1, "directory": "ck", "kept": True}
+    line = summary(report, name_of=lambda i: f"doc{i}")
+    assert line == ("checkpoints: 1 document resumed (doc4 at segment 128), 2 skipped as finished, 0 started "
+                    "fresh, 1 segment skipped; 1 file written; ck kept")
+    report.update(resumed={}, segments_skipped=0, checkpoints_written=2, kept=False)
+    assert "0 documents resumed, 2 skipped as finished, 0 started fresh, 0 segments skipped; 2 files written; " \
+           "ck removed" in summary(report)

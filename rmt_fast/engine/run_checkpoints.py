@@ -351,12 +351,18 @@ def remove(directory, keys) -> None:
         log.info("rmt_fast: %s holds other files; left in place", directory)
 
 
+def _count(n: int, noun: str) -> str:
+    """'1 document', '3 documents'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def summary(report: dict, name_of: Callable[[int], str] = str) -> str:
     """One line for people: what a rerun resumed (documents named by ``name_of(index)``), skipped and started."""
     resumed = report["resumed"]
     where = ", ".join(f"{name_of(i)} at segment {k}" for i, k in list(resumed.items())[:8])
     where += ", ..." if len(resumed) > 8 else ""
-    return (f"checkpoints: {len(resumed)} documents resumed{f' ({where})' if resumed else ''}, "
+    return (f"checkpoints: {_count(len(resumed), 'document')} resumed{f' ({where})' if resumed else ''}, "
             f"{len(report['finished'])} skipped as finished, {len(report['fresh'])} started fresh, "
-            f"{report['segments_skipped']} segments skipped; {report['checkpoints_written']} files written; "
+            f"{_count(report['segments_skipped'], 'segment')} skipped; "
+            f"{_count(report['checkpoints_written'], 'file')} written; "
             f"{report['directory']} {'kept' if report['kept'] else 'removed'}")
