@@ -249,6 +249,8 @@ def drift(args) -> dict:
 
 
 def plot(args) -> None:
+    """Two panels against length: each variant's max |logit - float32 logit| (log scale: a document whose
+    label flipped shows as a gap near 10), and its documents agreeing with float32 (%)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -257,16 +259,24 @@ def plot(args) -> None:
         for r in json.loads(Path(f).read_text())["rows"]:
             merged.setdefault(r["segments"], {}).update(r)
     rows = [merged[k] for k in sorted(merged)]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (gap_ax, agree_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for n in [v for v in VARIANTS if v != "float32"]:
         have = [r for r in rows if n in r]
-        ax.plot([r["segments"] for r in have], [r[n]["max_logit_gap"] for r in have], "o-", label=n)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("segments per document (Detect & Memorize, shipped model)")
-    ax.set_ylabel("max |logit - float32 logit|")
-    ax.set_title("int8 and bf16 drift against float32 over length")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+        if not have:
+            continue
+        x = [r["segments"] for r in have]
+        gap_ax.plot(x, [r[n]["max_logit_gap"] for r in have], "o-", label=n)
+        agree_ax.plot(x, [100 * r[n]["agree_with_float32"] / r["samples"] for r in have], "o-", label=n)
+    for ax in (gap_ax, agree_ax):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("segments per document (Detect & Memorize, shipped model)")
+        ax.grid(True, alpha=0.3)
+    gap_ax.set_yscale("log")
+    gap_ax.set_ylabel("max |logit - float32 logit|")
+    agree_ax.set_ylabel("documents with float32's label (%)")
+    gap_ax.set_title("drift against float32")
+    agree_ax.set_title(f"label agreement ({rows[0]['samples'] if rows else 0} documents a length)")
+    agree_ax.legend()
     fig.tight_layout()
     tmp = Path(str(args.out) + ".tmp.png")
     fig.savefig(tmp, dpi=120)
