@@ -54,7 +54,7 @@ INT8_SCHEMAS = {
     # out [R, N] = the two above around torch._int_mm (qweight_t [K, N] int8), per block of row_block rows
     "int8_linear": "int8_linear(Tensor x, Tensor qweight_t, Tensor weight_scale, Tensor bias, str activation, "
                    "int row_block, Tensor(a!) out) -> ()",
-    # the same as int8_linear on oneDNN's u8 x s8 micro-kernel: packed [Kp/4, Np, 4] int8 (quant.pack_vnni),
+    # the same as int8_linear on oneDNN's u8 x s8 micro-kernel: packed [Np/64, Kp/4, 64, 4] int8 (quant.pack_vnni),
     # comp [N] int32 = 128 * the weight's column sums (csrc/cpu/int8_vnni.cpp)
     "int8_linear_vnni": "int8_linear_vnni(Tensor x, Tensor packed, Tensor comp, Tensor weight_scale, Tensor bias, "
                         "str activation, int row_block, Tensor(a!) out) -> ()",
@@ -127,7 +127,7 @@ def _register_twins() -> None:
     """The twins implement each op on every device (and Meta) the compiled library does not cover."""
     global _ATTENTION_REASON, _INT8_COMPILED, _INT8_VNNI_COMPILED
     attention_compiled = _C is not None and _has_kernel("attention", "CPU")
-    _INT8_COMPILED = _C is not None and all(_has_kernel(n, "CPU") for n in INT8_SCHEMAS if n in _INT8_PASSES)
+    _INT8_COMPILED = _C is not None and all(_has_kernel(n, "CPU") for n in _INT8_PASSES)
     _INT8_VNNI_COMPILED = _C is not None and all(_has_kernel(n, "CPU") for n in ("int8_linear_vnni", "attention_int8"))
     for name, twin in _TWINS.items():
         for key in ("CPU", "CUDA", "Meta"):

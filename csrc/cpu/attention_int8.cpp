@@ -237,7 +237,10 @@ void attention_int8_kernel(const at::Tensor& q, const at::Tensor& k, const at::T
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H, L = lens[b];
       if (L == 0) {  // no key: zeros
-        for (int64_t t = 0; t < Tq; ++t) std::fill(od + (b * Tq + t) * row_out + h * D, od + (b * Tq + t) * row_out + (h + 1) * D, T(0));
+        for (int64_t t = 0; t < Tq; ++t) {
+          T* o = od + (b * Tq + t) * row_out + h * D;
+          std::fill(o, o + D, T(0));
+        }
         continue;
       }
       used = true;
@@ -249,7 +252,8 @@ void attention_int8_kernel(const at::Tensor& q, const at::Tensor& k, const at::T
       for (int64_t t0 = 0; t0 < Tq; t0 += QB) {
         const int64_t M = std::min(QB, Tq - t0);
         for (int64_t r = 0; r < M; ++r) {
-          quantize_row(avx, qd + b * q.stride(0) + (t0 + r) * q.stride(1) + h * q.stride(2), D, qa.data() + r * Dp, &sq[r]);
+          const T* q_row = qd + b * q.stride(0) + (t0 + r) * q.stride(1) + h * q.stride(2);
+          quantize_row(avx, q_row, D, qa.data() + r * Dp, &sq[r]);
         }
         for (int64_t s = 0; s < L; s += KV) {
           const int64_t len = std::min(KV, L - s), len4 = round_up(len, 4);
