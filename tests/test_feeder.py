@@ -385,8 +385,11 @@ except KeyboardInterrupt:
     print("interrupted; threads left:", left, flush=True)
     raise SystemExit(130)
 """)
+    # preexec_fn: a shell's background job (nohup, `&`, some CI runners) starts with SIGINT ignored, which
+    # the child would inherit, and Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(2.0)                                             # well inside the run

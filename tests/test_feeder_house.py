@@ -199,7 +199,9 @@ def test_cli_prints_each_result_as_it_completes_and_counts_on_ctrl_c(model_dir, 
     proc = subprocess.Popen([sys.executable, "-m", "rmt_fast", "classify", "--model", str(model_dir), "--input",
                              *map(str, files), "-", "--no-progress"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            # a background job (nohup, `&`) starts with SIGINT ignored: the child must not
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     import queue
     import threading
     lines: "queue.Queue[str]" = queue.Queue()
@@ -210,8 +212,8 @@ def test_cli_prints_each_result_as_it_completes_and_counts_on_ctrl_c(model_dir, 
         first = [lines.get(timeout=90), lines.get(timeout=30)]           # out while the pipe is still open
         assert [line.split("\t")[0] for line in first] == [str(f) for f in files]
         proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)                 # stderr is a few lines: the child cannot block on it
         err = proc.stderr.read()
-        proc.wait(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 130, err[-2000:]
