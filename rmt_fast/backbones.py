@@ -39,7 +39,8 @@ def build_model(cfg) -> Tuple[RMTForSequenceClassification, object]:
     if cfg.random_init:
         bconf = AutoConfig.from_pretrained(str(path if path.is_dir() else path.parent))
         for k, v in (("hidden_size", cfg.hidden_size), ("num_attention_heads", cfg.num_heads),
-                     ("intermediate_size", cfg.intermediate_size)):
+                     ("intermediate_size", cfg.intermediate_size),
+                     ("initializer_range", getattr(cfg, "init_range", None))):
             if v:
                 overrides[k] = v
         for k, v in overrides.items():

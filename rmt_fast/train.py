@@ -59,6 +59,8 @@ class TrainConfig:
     num_heads: Optional[int] = None
     intermediate_size: Optional[int] = None
     dropout: Optional[float] = None     # override hidden and attention dropout
+    init_range: Optional[float] = None  # with random_init: std of the initial weights (the backbone's initializer_range)
+    position_init: str = "random"       # with random_init: "sinusoidal" starts the position embeddings as sin/cos
     input_size: int = 512
     num_mem_tokens: int = 10
     bptt_depth: int = -1
@@ -99,6 +101,12 @@ class TrainConfig:
         if not 1 <= self.min_segments <= self.max_segments:
             raise ValueError(f"need 1 <= --min-segments <= --max-segments, got {self.min_segments}, "
                              f"{self.max_segments}")
+        if self.position_init not in ("random", "sinusoidal"):
+            raise ValueError(f"--position-init must be random or sinusoidal, got {self.position_init!r}")
+        if self.init_range is not None and not self.random_init:
+            raise ValueError("--init-range needs --random-init (a pretrained backbone keeps its weights)")
+        if self.position_init != "random" and not self.random_init:
+            raise ValueError("--position-init sinusoidal needs --random-init (a pretrained backbone keeps its own)")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"--precision must be fp32 or bf16, got {self.precision!r}")
         for name in ("stage_steps", "eval_every", "val_samples", "batch_size", "eval_batch_size", "log_every"):
@@ -112,6 +120,21 @@ def lr_lambda(warmup: int, total: int):
             return (step + 1) / warmup
         return max(0.0, (total - step) / max(1, total - warmup))
     return f
+
+
+def sinusoidal_positions(n_positions: int, hidden: int, scale: float) -> torch.Tensor:
+    """[n_positions, hidden] sin/cos of geometric frequencies (Vaswani et al. 2017), times scale.
+
+    A shift by k positions is then a fixed rotation of every row, so a head that attends k tokens back
+    (binding a Reasoning fact's place to its direction) is one linear map away from the start, rather than
+    something the random rows must first learn to encode.
+    """
+    pos = torch.arange(n_positions, dtype=torch.float64)[:, None]
+    freq = 10000.0 ** (-torch.arange(0, hidden, 2, dtype=torch.float64) / hidden)
+    table = torch.zeros(n_positions, hidden, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: hidden // 2])
+    return (table * scale).float()
 
 
 def validation_counts(model, gen: T.TaskGenerator, n_segments: int, n_samples: int, batch_size: int,
@@ -219,6 +242,11 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # the same random initialisation on every rank and in every run
         model, tokenizer = build_model(cfg)
+        if cfg.position_init == "sinusoidal" and saved is None:
+            weight = model.bert.embeddings.position_embeddings.weight            # [P, H]
+            with torch.no_grad():
+                # Rows of the same norm as the random ones (std initializer_range per element).
+                weight.copy_(sinusoidal_positions(*weight.shape, scale=model.bert.config.initializer_range * 2 ** 0.5))
         if saved is not None:
             model = RMTForSequenceClassification.from_pretrained(self.out / "last")
             torch.set_rng_state(saved["rng"])
@@ -394,6 +422,12 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-heads", type=positive_int, default=None)
     p.add_argument("--intermediate-size", type=positive_int, default=None)
     p.add_argument("--dropout", type=float_in(0.0, 1.0), default=None)
+    p.add_argument("--init-range", type=positive_float, default=None,
+                   help="with --random-init: std of the initial weights (default: the backbone config's "
+                        "initializer_range, 0.02 for BERT)")
+    p.add_argument("--position-init", choices=("random", "sinusoidal"), default=d.position_init,
+                   help="with --random-init: start the position embeddings random or as sin/cos (easier to learn "
+                        "attention to a token a fixed distance away)")
     int_types = {"bptt_depth": int_at_least(-1), "warmup_steps": nonnegative_int, "seed": nonnegative_int}
     for name in ("input_size", "num_mem_tokens", "bptt_depth", "min_segments", "max_segments", "stage_steps",
                  "eval_every", "val_samples", "batch_size", "eval_batch_size", "warmup_steps", "seed",
