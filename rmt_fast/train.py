@@ -61,6 +61,7 @@ class TrainConfig:
     dropout: Optional[float] = None     # override hidden and attention dropout
     init_range: Optional[float] = None  # with random_init: std of the initial weights (the backbone's initializer_range)
     position_init: str = "random"       # with random_init: "sinusoidal" starts the position embeddings as sin/cos
+    position_scale: Optional[float] = None  # their amplitude (default: the norm of random rows)
     input_size: int = 512
     num_mem_tokens: int = 10
     bptt_depth: int = -1
@@ -107,6 +108,8 @@ class TrainConfig:
             raise ValueError("--init-range needs --random-init (a pretrained backbone keeps its weights)")
         if self.position_init != "random" and not self.random_init:
             raise ValueError("--position-init sinusoidal needs --random-init (a pretrained backbone keeps its own)")
+        if self.position_scale is not None and self.position_init != "sinusoidal":
+            raise ValueError("--position-scale needs --position-init sinusoidal")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"--precision must be fp32 or bf16, got {self.precision!r}")
         for name in ("stage_steps", "eval_every", "val_samples", "batch_size", "eval_batch_size", "log_every"):
@@ -245,8 +248,9 @@ class Trainer:
         if cfg.position_init == "sinusoidal" and saved is None:
             weight = model.bert.embeddings.position_embeddings.weight            # [P, H]
             with torch.no_grad():
-                # Rows of the same norm as the random ones (std initializer_range per element).
-                weight.copy_(sinusoidal_positions(*weight.shape, scale=model.bert.config.initializer_range * 2 ** 0.5))
+                # By default rows of the same norm as the random ones (std initializer_range per element).
+                scale = cfg.position_scale or model.bert.config.initializer_range * 2 ** 0.5
+                weight.copy_(sinusoidal_positions(*weight.shape, scale=scale))
         if saved is not None:
             model = RMTForSequenceClassification.from_pretrained(self.out / "last")
             torch.set_rng_state(saved["rng"])
@@ -428,6 +432,9 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--position-init", choices=("random", "sinusoidal"), default=d.position_init,
                    help="with --random-init: start the position embeddings random or as sin/cos (easier to learn "
                         "attention to a token a fixed distance away)")
+    p.add_argument("--position-scale", type=positive_float, default=None,
+                   help="with --position-init sinusoidal: the amplitude of the sin/cos (default: rows as long as "
+                        "random ones, initializer_range * sqrt(2))")
     int_types = {"bptt_depth": int_at_least(-1), "warmup_steps": nonnegative_int, "seed": nonnegative_int}
     for name in ("input_size", "num_mem_tokens", "bptt_depth", "min_segments", "max_segments", "stage_steps",
                  "eval_every", "val_samples", "batch_size", "eval_batch_size", "warmup_steps", "seed",

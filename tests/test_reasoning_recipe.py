@@ -1,4 +1,4 @@
-"""The training flags tried for Reasoning (issue 15): --position-init sinusoidal and --init-range."""
+"""The training flags tried for Reasoning (issue 15): --position-init sinusoidal, --position-scale, --init-range."""
 import argparse
 from pathlib import Path
 
@@ -39,12 +39,14 @@ def test_sinusoidal_rows_shift_by_a_fixed_rotation(hidden):
     assert norms.max() - norms.min() < 0.02 * norms.mean()
 
 
-def test_training_starts_from_sinusoidal_positions(tmp_path):
+@pytest.mark.parametrize("scale, expected_scale", [(None, 0.02 * 2 ** 0.5), (0.07, 0.07)])
+def test_training_starts_from_sinusoidal_positions(tmp_path, scale, expected_scale):
     torch.manual_seed(0)
-    final = train(_tiny(tmp_path / "run", position_init="sinusoidal", lr=1e-9, warmup_steps=0))
+    final = train(_tiny(tmp_path / "run", position_init="sinusoidal", position_scale=scale, lr=1e-9,
+                        warmup_steps=0))
     model = RMTForSequenceClassification.from_pretrained(final)
     pos = model.bert.embeddings.position_embeddings.weight.detach()     # [P, H]
-    expected = sinusoidal_positions(*pos.shape, scale=0.02 * 2 ** 0.5)
+    expected = sinusoidal_positions(*pos.shape, scale=expected_scale)
     torch.testing.assert_close(pos, expected, atol=1e-6, rtol=0)
 
 
@@ -62,6 +64,7 @@ def test_init_range_sets_the_spread_of_random_weights():
 @pytest.mark.parametrize("extra, message", [
     (["--init-range", "0.05"], "--init-range needs --random-init"),
     (["--position-init", "sinusoidal"], "--position-init sinusoidal needs --random-init"),
+    (["--random-init", "--position-scale", "0.1"], "--position-scale needs --position-init sinusoidal"),
 ])
 def test_flags_without_random_init_are_refused_by_name(tmp_path, extra, message):
     parser = argparse.ArgumentParser()
