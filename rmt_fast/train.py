@@ -125,21 +125,6 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def sinusoidal_positions(n_positions: int, hidden: int, scale: float) -> torch.Tensor:
-    """[n_positions, hidden] sin/cos of geometric frequencies (Vaswani et al. 2017), times scale.
-
-    A shift by k positions is then a fixed rotation of every row, so a head that attends k tokens back
-    (binding a Reasoning fact's place to its direction) is one linear map away from the start, rather than
-    something the random rows must first learn to encode.
-    """
-    pos = torch.arange(n_positions, dtype=torch.float64)[:, None]
-    freq = 10000.0 ** (-torch.arange(0, hidden, 2, dtype=torch.float64) / hidden)
-    table = torch.zeros(n_positions, hidden, dtype=torch.float64)
-    table[:, 0::2] = torch.sin(pos * freq)
-    table[:, 1::2] = torch.cos(pos * freq[: hidden // 2])
-    return (table * scale).float()
-
-
 def validation_counts(model, gen: T.TaskGenerator, n_segments: int, n_samples: int, batch_size: int,
                       device) -> dict:
     """{task: (correct, samples)} at n_segments through the Engine, summed over the ranks."""
@@ -245,12 +230,6 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # the same random initialisation on every rank and in every run
         model, tokenizer = build_model(cfg)
-        if cfg.position_init == "sinusoidal" and saved is None:
-            weight = model.bert.embeddings.position_embeddings.weight            # [P, H]
-            with torch.no_grad():
-                # By default rows of the same norm as the random ones (std initializer_range per element).
-                scale = cfg.position_scale or model.bert.config.initializer_range * 2 ** 0.5
-                weight.copy_(sinusoidal_positions(*weight.shape, scale=scale))
         if saved is not None:
             model = RMTForSequenceClassification.from_pretrained(self.out / "last")
             torch.set_rng_state(saved["rng"])

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rmt_fast.backbones import build_model
+from rmt_fast.backbones import build_model, sinusoidal_positions
 from rmt_fast.model import RMTForSequenceClassification
-from rmt_fast.train import TrainConfig, add_cli, sinusoidal_positions, train
+from rmt_fast.train import TrainConfig, add_cli, train
 
 BERT_CASED = str(Path(__file__).resolve().parents[1] / "rmt_fast" / "data" / "bert-base-cased")
 
