@@ -41,17 +41,27 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def read_tagged_safetensors(path: Path, key: str) -> Tuple[object, Dict[str, torch.Tensor]]:
-    """(the JSON stored under ``key`` in the file's metadata, its tensors) of a safetensors file: a memory
-    state's or a run checkpoint's. OSError if it cannot be read; ValueError ("Type: why") if not whole."""
+def read_tagged_safetensors(path: Path, key: str, fmt: str, error: type, what: str,
+                            hint: str = "") -> Tuple[dict, Dict[str, torch.Tensor]]:
+    """(the JSON dict stored under ``key`` in the file's metadata, its tensors) of a safetensors file of
+    format ``fmt`` (its "format" field): a memory state's or a run checkpoint's. Raises ``error`` naming
+    the file and the ``what`` it should be, if it cannot be read, is not whole (then ``hint`` follows), or
+    holds another format."""
     from safetensors.torch import load
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot read the {what}: {e.strerror or e}") from e
     try:
         (n,) = struct.unpack("<Q", data[:8])
         meta = json.loads(json.loads(data[8:8 + n])["__metadata__"][key])
-        return meta, load(data)
+        tensors = load(data)
     except Exception as e:  # noqa: BLE001 - any failure to parse means a damaged or foreign file
-        raise ValueError(f"{type(e).__name__}: {e}") from e
+        raise error(f"{path}: not a readable {what} (truncated or corrupt: {type(e).__name__}: {e}){hint}") from e
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found != fmt:
+        raise error(f"{path}: unknown {what} format {found!r} (expected {fmt})")
+    return meta, tensors
 
 
 def _checksum(memory: torch.Tensor, tail: torch.Tensor) -> str:
@@ -102,15 +112,7 @@ class MemoryState:
     def load(cls, path) -> "MemoryState":
         """Read a state written by ``save``; MemoryStateError naming the file if it is not one, whole."""
         path = Path(path)
-        try:
-            meta, tensors = read_tagged_safetensors(path, _KEY)
-        except OSError as e:
-            raise MemoryStateError(f"{path}: cannot read the memory state file: {e.strerror or e}") from e
-        except ValueError as e:
-            raise MemoryStateError(f"{path}: not a readable rmt_fast memory state (truncated or corrupt: "
-                                   f"{e})") from e
-        if meta.get("format") != FORMAT:
-            raise MemoryStateError(f"{path}: unknown memory state format {meta.get('format')!r} (expected {FORMAT})")
+        meta, tensors = read_tagged_safetensors(path, _KEY, FORMAT, MemoryStateError, "rmt_fast memory state")
         memory, tail = tensors.get("memory"), tensors.get("tail")
         cfg = meta["config"]
         M, S = cfg["num_mem_tokens"], cfg["input_size"] - cfg["num_mem_tokens"] - 3

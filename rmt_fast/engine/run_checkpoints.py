@@ -173,16 +173,8 @@ class RunCheckpoints:
         return point
 
     def _load(self, path: Path, index: int) -> ResumePoint:
-        try:
-            meta, tensors = read_tagged_safetensors(path, _KEY)
-        except OSError as e:
-            raise RunCheckpointError(f"{path}: cannot read the checkpoint: {e.strerror or e}") from e
-        except ValueError as e:
-            raise RunCheckpointError(f"{path}: not a readable rmt_fast run checkpoint (truncated or corrupt: "
-                                     f"{e}); delete it to restart that document") from e
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            found = meta.get("format") if isinstance(meta, dict) else None
-            raise RunCheckpointError(f"{path}: unknown checkpoint format {found!r} (expected {FORMAT})")
+        meta, tensors = read_tagged_safetensors(path, _KEY, FORMAT, RunCheckpointError, "rmt_fast run checkpoint",
+                                                hint="; delete it to restart that document")
         missing = sorted(set(_FIELDS) - set(meta))
         if missing:
             raise RunCheckpointError(f"{path}: the checkpoint's metadata lacks {', '.join(missing)} (corrupt); "
