@@ -229,10 +229,27 @@ void attention_int8_kernel(const at::Tensor& q, const at::Tensor& k, const at::T
   const int64_t row_out = H * D;
   const bool avx = cpu_has_avx512();
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int8_t> krows(Lp * Dp), vrows(4 * Dn), kt(Dp * Lp), vp(Lp * Dn);
-    std::vector<int32_t> comp(Lp), S(QB * KV), Oi(QB * Dn);
-    std::vector<float> skc(Lp), sv(Dn), sq(QB), O(QB * Dn), mx(QB), sum(QB);
-    std::vector<uint8_t> qa(QB * Dp, uint8_t(128)), P(QB * KV);
+    // an upper bound of the pieces below (kt's Dp * Lp <= Lp * Dn; pieces of one type summed), plus
+    // each piece's rounding to 64 bytes
+    const size_t bytes = scratch_round(Lp * Dp) + scratch_round(4 * Dn) + 2 * scratch_round(Lp * Dn) +
+                         scratch_round(4 * (Lp + QB * KV + QB * Dn)) + scratch_round(4 * (2 * Lp + Dn)) +
+                         scratch_round(4 * (3 * QB + QB * Dn)) + scratch_round(QB * Dp) + scratch_round(QB * KV);
+    ScratchCarver carve{thread_scratch<1>(bytes + 16 * 64)};
+    int8_t* krows = carve.take<int8_t>(Lp * Dp);
+    int8_t* vrows = carve.take<int8_t>(4 * Dn);
+    int8_t* kt = carve.take<int8_t>(Dp * Lp);
+    int8_t* vp = carve.take<int8_t>(Lp * Dn);
+    int32_t* comp = carve.take<int32_t>(Lp);
+    int32_t* S = carve.take<int32_t>(QB * KV);
+    int32_t* Oi = carve.take<int32_t>(QB * Dn);
+    float* skc = carve.take<float>(Lp);
+    float* sv = carve.take<float>(Dn);
+    float* sq = carve.take<float>(QB);
+    float* O = carve.take<float>(QB * Dn);
+    float* mx = carve.take<float>(QB);
+    float* sum = carve.take<float>(QB);
+    uint8_t* qa = carve.take<uint8_t>(QB * Dp);  // query rows q + 128; D..Dp any: K^T's pad rows are 0
+    uint8_t* P = carve.take<uint8_t>(QB * KV);
     bool used = false;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H, L = lens[b];
@@ -244,40 +261,40 @@ void attention_int8_kernel(const at::Tensor& q, const at::Tensor& k, const at::T
         continue;
       }
       used = true;
-      pack_k(avx, kd + b * k.stride(0) + h * k.stride(2), k.stride(1), L, D, Dp, Lp, c, krows.data(), kt.data(),
-             comp.data(), skc.data());
+      pack_k(avx, kd + b * k.stride(0) + h * k.stride(2), k.stride(1), L, D, Dp, Lp, c, krows, kt,
+             comp, skc);
       const T* vh = vd + b * v.stride(0) + h * v.stride(2);
-      value_scales(avx, vh, v.stride(1), L, D, Dn, sv.data());
-      pack_v_int8(avx, vh, v.stride(1), L, D, Dn, sv.data(), vrows.data(), vp.data());
+      value_scales(avx, vh, v.stride(1), L, D, Dn, sv);
+      pack_v_int8(avx, vh, v.stride(1), L, D, Dn, sv, vrows, vp);
       for (int64_t t0 = 0; t0 < Tq; t0 += QB) {
         const int64_t M = std::min(QB, Tq - t0);
         for (int64_t r = 0; r < M; ++r) {
           const T* q_row = qd + b * q.stride(0) + (t0 + r) * q.stride(1) + h * q.stride(2);
-          quantize_row(avx, q_row, D, qa.data() + r * Dp, &sq[r]);
+          quantize_row(avx, q_row, D, qa + r * Dp, &sq[r]);
         }
         for (int64_t s = 0; s < L; s += KV) {
           const int64_t len = std::min(KV, L - s), len4 = round_up(len, 4);
-          at::native::cpublas::brgemm(M, round_up(len, 16), Dp, Dp, Lp, KV, /*add_C=*/false, qa.data(),
-                                      reinterpret_cast<const signed char*>(kt.data() + s * 4), S.data(), true);
+          at::native::cpublas::brgemm(M, round_up(len, 16), Dp, Dp, Lp, KV, /*add_C=*/false, qa,
+                                      reinterpret_cast<const signed char*>(kt + s * 4), S, true);
           for (int64_t r = 0; r < M; ++r) {
-            int32_t* srow = S.data() + r * KV;
+            int32_t* srow = S + r * KV;
             float y_max;
             int64_t part;
 #ifdef RMT_FAST_X86
             if (avx) {
-              y_max = scores_row_avx512(srow, comp.data() + s, skc.data() + s, len);
+              y_max = scores_row_avx512(srow, comp + s, skc + s, len);
             } else
 #endif
-              y_max = scores_row_scalar(srow, comp.data() + s, skc.data() + s, len);
+              y_max = scores_row_scalar(srow, comp + s, skc + s, len);
             const float m_blk = sq[r] * y_max;
             const float m_new = s == 0 ? m_blk : std::max(mx[r], m_blk);
             const float* y = reinterpret_cast<const float*>(srow);
 #ifdef RMT_FAST_X86
             if (avx) {
-              part = probs_row_avx512(y, sq[r], m_new, len, len4, P.data() + r * KV);
+              part = probs_row_avx512(y, sq[r], m_new, len, len4, P + r * KV);
             } else
 #endif
-              part = probs_row_scalar(y, sq[r], m_new, len, len4, P.data() + r * KV);
+              part = probs_row_scalar(y, sq[r], m_new, len, len4, P + r * KV);
             if (s == 0) {
               sum[r] = float(part);
             } else {
@@ -287,8 +304,8 @@ void attention_int8_kernel(const at::Tensor& q, const at::Tensor& k, const at::T
             }
             mx[r] = m_new;
           }
-          at::native::cpublas::brgemm(M, Dn, len4, KV, Dn, Dn, /*add_C=*/false, P.data(),
-                                      reinterpret_cast<const signed char*>(vp.data() + s * Dn), Oi.data(), true);
+          at::native::cpublas::brgemm(M, Dn, len4, KV, Dn, Dn, /*add_C=*/false, P,
+                                      reinterpret_cast<const signed char*>(vp + s * Dn), Oi, true);
           for (int64_t r = 0; r < M; ++r) {
             for (int64_t d = 0; d < D; ++d) {
               const float add = float(Oi[r * Dn + d]) * sv[d];

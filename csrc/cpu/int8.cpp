@@ -62,13 +62,8 @@ void int8_dequantize_cpu(const at::Tensor& acc, const at::Tensor& row_scale, con
   TORCH_CHECK(row_scale.numel() == R && row_scale.is_contiguous() && row_scale.scalar_type() == at::kFloat,
               "rmt_fast::", op, ": row_scale must be contiguous float32 with R = ", R, " values, got ",
               row_scale.scalar_type(), " of shape ", row_scale.sizes());
-  auto check_vector = [&](const char* name, const at::Tensor& t) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == N && t.is_contiguous() && t.scalar_type() == at::kFloat,
-                "rmt_fast::", op, ": ", name, " must be contiguous float32 of shape (N) = [", N, "], got ",
-                t.scalar_type(), " of shape ", t.sizes());
-  };
-  check_vector("col_scale", col_scale);
-  check_vector("bias", bias);
+  check_vector(op, "col_scale", col_scale, N, at::kFloat, "float32");
+  check_vector(op, "bias", bias, N, at::kFloat, "float32");
   const Act act = parse_act(op, std::string(activation));
   if (R == 0 || N == 0) return;
   const int32_t* ad = acc.const_data_ptr<int32_t>();

@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "../rmt_fast.h"
 
@@ -229,6 +230,37 @@ inline Act parse_act(const char* op, const std::string& a) {
   if (a == "gelu") return Act::kGelu;
   if (a == "relu") return Act::kRelu;
   TORCH_CHECK(false, "rmt_fast::", op, ": activation must be 'none', 'gelu' or 'relu', got '", a, "'");
+}
+
+// Per-thread scratch memory kept across calls, one arena per kTag: a kernel carves its buffers out of it
+// (ScratchCarver) instead of allocating and filling them on every call of the per-segment loop (up to
+// 0.8 MB a GEMM call). Grows, never shrinks; each thread has its own, so concurrent calls do not share.
+template <int kTag>
+char* thread_scratch(size_t bytes) {
+  thread_local std::vector<char> arena;
+  if (arena.size() < bytes) arena.resize(bytes);
+  return arena.data();
+}
+
+inline size_t scratch_round(size_t bytes) { return (bytes + 63) / 64 * 64; }
+
+// Hands out consecutive pieces of a scratch arena, each rounded up to 64 bytes.
+struct ScratchCarver {
+  char* next;
+  template <typename T>
+  T* take(int64_t n) {
+    T* p = reinterpret_cast<T*>(next);
+    next += scratch_round(size_t(n) * sizeof(T));
+    return p;
+  }
+};
+
+// t: a contiguous CPU vector of N values of dtype (named dtype_name in the error).
+inline void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t N, at::ScalarType dtype,
+                         const char* dtype_name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == N && t.is_contiguous() && t.scalar_type() == dtype && t.device().is_cpu(),
+              "rmt_fast::", op, ": ", name, " must be ", dtype_name, ", contiguous, of shape (N) = [", N, "], got ",
+              t.scalar_type(), " of shape ", t.sizes());
 }
 
 inline void check_rows(const char* op, const char* name, const at::Tensor& t) {

@@ -56,15 +56,9 @@ void int8_linear_vnni_cpu(const at::Tensor& x, const at::Tensor& packed, const a
   TORCH_CHECK(Kp == round_up(K, 4) && Np == round_up(N, kTileN), "rmt_fast::", op, ": packed has shape ",
               packed.sizes(), " but x has K = ", K, " and out N = ", N, " columns: want (", div_up(N, kTileN),
               ", ", round_up(K, 4) / 4, ", 64, 4)");
-  auto check_vector = [&](const char* name, const at::Tensor& t, at::ScalarType dtype, const char* dtype_name) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == N && t.is_contiguous() && t.scalar_type() == dtype &&
-                    t.device().is_cpu(),
-                "rmt_fast::", op, ": ", name, " must be ", dtype_name, ", contiguous, of shape (N) = [", N,
-                "], got ", t.scalar_type(), " of shape ", t.sizes());
-  };
-  check_vector("comp", comp, at::kInt, "int32");
-  check_vector("weight_scale", weight_scale, at::kFloat, "float32");
-  check_vector("bias", bias, at::kFloat, "float32");
+  check_vector(op, "comp", comp, N, at::kInt, "int32");
+  check_vector(op, "weight_scale", weight_scale, N, at::kFloat, "float32");
+  check_vector(op, "bias", bias, N, at::kFloat, "float32");
   TORCH_CHECK(row_block >= 1, "rmt_fast::", op, ": row_block must be >= 1, got ", row_block);
   const Act act = parse_act(op, std::string(activation));
   if (R == 0 || N == 0) return;
@@ -88,21 +82,23 @@ void int8_linear_vnni_cpu(const at::Tensor& x, const at::Tensor& packed, const a
       O* od = out.data_ptr<O>();
       at::parallel_for(0, blocks * groups, 1, [&](int64_t begin, int64_t end) {
         const int64_t rb_max = std::min(row_block, R);
-        std::vector<uint8_t> a(rb_max * Kp, uint8_t(128));  // the K padding stays 128 (zero)
-        std::vector<float> sx(rb_max);
-        std::vector<int32_t> tile(rb_max * kTileN);
+        ScratchCarver carve{thread_scratch<0>(scratch_round(rb_max * Kp) + scratch_round(rb_max * sizeof(float)) +
+                                              scratch_round(rb_max * kTileN * sizeof(int32_t)))};
+        uint8_t* a = carve.take<uint8_t>(rb_max * Kp);  // rows q + 128; K..Kp any: the weight's pad rows are 0
+        float* sx = carve.take<float>(rb_max);
+        int32_t* tile = carve.take<int32_t>(rb_max * kTileN);
         for (int64_t item = begin; item < end; ++item) {
           const int64_t r0 = (item / groups) * row_block, g = item % groups;
           const int64_t rows = std::min(row_block, R - r0);
-          for (int64_t r = 0; r < rows; ++r) quantize_row(avx, xd + (r0 + r) * ldx, K, a.data() + r * Kp, &sx[r]);
+          for (int64_t r = 0; r < rows; ++r) quantize_row(avx, xd + (r0 + r) * ldx, K, a + r * Kp, &sx[r]);
           for (int64_t t = g * tiles / groups; t < (g + 1) * tiles / groups; ++t) {
             // the last tile multiplies only the 16s that hold real columns
             const int64_t n0 = t * kTileN, n_out = std::min(kTileN, N - n0), w = round_up(n_out, 16);
-            at::native::cpublas::brgemm(rows, w, Kp, Kp, kTileN, kTileN, /*add_C=*/false, a.data(),
-                                        reinterpret_cast<const signed char*>(wd + t * Kp * kTileN), tile.data(),
+            at::native::cpublas::brgemm(rows, w, Kp, Kp, kTileN, kTileN, /*add_C=*/false, a,
+                                        reinterpret_cast<const signed char*>(wd + t * Kp * kTileN), tile,
                                         true);
             for (int64_t r = 0; r < rows; ++r) {
-              dequantize_row_act(act, avx, native_bf16, tile.data() + r * kTileN, cd + n0, n_out, sx[r],
+              dequantize_row_act(act, avx, native_bf16, tile + r * kTileN, cd + n0, n_out, sx[r],
                                  sw + n0, bd + n0, od + (r0 + r) * ldo + n0);
             }
           }
