@@ -57,7 +57,7 @@ def build_model(cfg) -> Tuple[RMTForSequenceClassification, object]:
         bconf = AutoConfig.from_pretrained(str(path if path.is_dir() else path.parent))
         for k, v in (("hidden_size", cfg.hidden_size), ("num_attention_heads", cfg.num_heads),
                      ("intermediate_size", cfg.intermediate_size),
-                     ("initializer_range", getattr(cfg, "init_range", None))):
+                     ("initializer_range", cfg.init_range)):
             if v:
                 overrides[k] = v
         for k, v in overrides.items():
@@ -68,10 +68,10 @@ def build_model(cfg) -> Tuple[RMTForSequenceClassification, object]:
                         cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
                         pad_token_id=tokenizer.pad_token_id)
         model = RMTForSequenceClassification.from_configs(rmt, bconf)
-        if getattr(cfg, "position_init", "random") == "sinusoidal":
+        if cfg.position_init == "sinusoidal":
             weight = model.bert.embeddings.position_embeddings.weight            # [P, H]
             # By default rows of the same norm as the random ones (std initializer_range per element).
-            scale = getattr(cfg, "position_scale", None) or bconf.initializer_range * 2 ** 0.5
+            scale = cfg.position_scale or bconf.initializer_range * 2 ** 0.5
             with torch.no_grad():
                 weight.copy_(sinusoidal_positions(*weight.shape, scale=scale))
     else:
