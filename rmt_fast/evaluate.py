@@ -26,7 +26,8 @@ import torch
 
 from . import distributed, files, plotting
 from . import tasks as T
-from .cli_args import check_output_dir, default_model_dir, nonnegative_int, positive_int, positive_int_list, run_command
+from .cli_args import (check_output_dir, default_model_dir, dtype_name, nonnegative_int, positive_int,
+                       positive_int_list, run_command)
 
 
 def predict(model, docs, batch_size: int = 8, device="cpu", progress: bool = False, engine=None) -> torch.Tensor:
@@ -104,6 +105,7 @@ class Row:
     seconds: float
     ci_low: float = float("nan")     # 95% Clopper-Pearson interval of the accuracy
     ci_high: float = float("nan")
+    predicted: Optional[List[int]] = None   # the predicted label of sample 0, 1, ... (to compare runs)
 
     def __post_init__(self):
         if math.isnan(self.ci_low) and self.samples:
@@ -129,6 +131,7 @@ def evaluate_model(model, tokenizer, task: str, lengths: Sequence[int], samples:
         t0 = time.time()
         correct = 0
         mine = list(range(rank, k, world))
+        predicted = [0.0] * k            # label + 1 at this rank's samples, 0 elsewhere: summed over ranks
         # Generate and classify in chunks so that very long documents do not all sit in memory at once.
         chunk = max(batch_size, 1)
         for c in range(0, len(mine), chunk):
@@ -136,11 +139,15 @@ def evaluate_model(model, tokenizer, task: str, lengths: Sequence[int], samples:
             logits = predict(model, docs, batch_size=batch_size, engine=engine,
                              progress=progress and rank == 0 and n * len(docs) >= 4096)
             correct += int((logits.argmax(-1) == labels).sum())
+            for i, label in zip(mine[c:c + chunk], logits.argmax(-1).tolist()):
+                predicted[i] = label + 1.0
         c, total = (int(x) for x in distributed.all_reduce([correct, len(mine)], device))
+        predicted = [int(x) - 1 for x in distributed.all_reduce(predicted, device)]
         seconds = distributed.all_reduce([time.time() - t0], device, op="max")[0]
         rows.append(Row(model=name, task=T.TASK_ALIASES[task], n_segments=n,
                         n_tokens=n * model.config.segment_size, samples=total, correct=c,
-                        accuracy=c / total if total else float("nan"), seconds=round(float(seconds), 3)))
+                        accuracy=c / total if total else float("nan"), seconds=round(float(seconds), 3),
+                        predicted=predicted))
         if rank == 0 and progress:
             r = rows[-1]
             print(f"{name} {r.task} {n} seg ({r.n_tokens} tokens): {r.accuracy:.3f} ({c}/{total}) in {r.seconds:.1f}s",
@@ -266,9 +273,11 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="*", help="rmt_fast model directories; NAME=DIR labels a line "
                                              "(default: the shipped default model)")
-    p.add_argument("--run", action="append", default=None, metavar="TRAIN_DIR",
+    # --train-run: under torchrun, whose parser takes "--run" for its own --run-path before the module's flags.
+    p.add_argument("--run", "--train-run", dest="run", action="append", default=None, metavar="TRAIN_DIR",
                    help="a training run's folder: evaluate every curriculum stage's best model (stages/<n>/best) "
-                        "and draw the grid (heatmap.png, Figure 5); repeat for a curriculum over several runs")
+                        "and draw the grid (heatmap.png, Figure 5); repeat for a curriculum over several runs "
+                        "(--train-run under torchrun)")
     p.add_argument("--max-factor", type=positive_int, default=4,
                    help="with --run: evaluate up to this many times the longest training length")
     p.add_argument("--task", action="append", default=None, choices=list(T.TASK_ALIASES),
@@ -283,6 +292,9 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=nonnegative_int, default=1234)
     p.add_argument("--split", default="test", choices=list(T.SPLITS))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", type=dtype_name, default="float32",
+                   help="the Engine's compute dtype (accuracy is reported in float32 by default; bfloat16 to "
+                        "compare: each row's JSON lists every sample's predicted label)")
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--out", default="eval-results", help="output directory for accuracy.{json,md,png}")
     p.add_argument("--no-plot", action="store_true", help="skip accuracy.png (needs matplotlib)")
@@ -332,7 +344,7 @@ def run(args) -> int:
         loaded = [(name, RMTForSequenceClassification.from_pretrained(path), T.load_tokenizer(path))
                   for name, path in models]
         for name, model, tokenizer in loaded:
-            engine = Engine(model, device=args.device, dtype="float32")  # one per model; float32 results
+            engine = Engine(model, device=args.device, dtype=args.dtype)  # one per model
             for task in task_names:
                 rows += evaluate_model(model, tokenizer, task, lengths, args.samples, name=name,
                                        long_samples=args.long_samples, long_from=args.long_from,
@@ -340,7 +352,7 @@ def run(args) -> int:
                                        device=args.device, progress=not args.no_progress, engine=engine)
         if rank == 0:
             meta = {"models": {n: str(p) for n, p in models}, "tasks": task_names, "split": args.split,
-                    "seed": args.seed, "processes": world, "wall_s": round(time.time() - t0, 1),
+                    "seed": args.seed, "dtype": args.dtype, "processes": world, "wall_s": round(time.time() - t0, 1),
                     "torch_threads": torch.get_num_threads(), "runs": [str(r) for r in args.run or []]}
             try:
                 print(table(rows), flush=True)  # first: the results survive a failing write

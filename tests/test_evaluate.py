@@ -70,6 +70,9 @@ def test_evaluate_model_rows_and_output_files(model_dir, tmp_path):
     gen = T.TaskGenerator("memorize", tok, model.config, split="test", seed=1234)
     docs, labels = gen.batch(2, range(12))
     assert rows[1].correct == int((E.predict(model, docs).argmax(-1) == labels).sum())
+    # Each sample's predicted label, in sample order (what two runs are compared by).
+    assert rows[1].predicted == E.predict(model, docs).argmax(-1).tolist()
+    assert [len(r.predicted) for r in rows] == [12, 12, 5]
 
     paths = E.write_outputs(rows, tmp_path / "out", {"note": "x"})
     data = json.loads(paths["json"].read_text())
@@ -90,6 +93,31 @@ def test_cli_writes_table_json_and_plot(model_dir, tmp_path, capsys):
         ("mine", "detect", 1), ("mine", "detect", 2), ("mine", "reasoning", 1), ("mine", "reasoning", 2)]
     assert "| mine | reasoning | 2 |" in capsys.readouterr().out
     assert (tmp_path / "ev" / "accuracy.png").stat().st_size > 1000
+
+
+def test_dtype_flag_builds_the_engine_in_that_dtype(model_dir, tmp_path, monkeypatch):
+    import rmt_fast.engine as engine_module
+
+    dtypes = []
+
+    class RecordingEngine(engine_module.Engine):
+        def __init__(self, *a, **k):
+            dtypes.append(k.get("dtype"))
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(engine_module, "Engine", RecordingEngine)
+    parser = argparse.ArgumentParser()
+    E.add_cli(parser.add_subparsers())
+    for dtype in ("float32", "bfloat16"):
+        args = parser.parse_args(["evaluate", str(model_dir), "--task", "detect", "--lengths", "2",
+                                  "--samples", "5", "--out", str(tmp_path / dtype), "--no-progress", "--no-plot"]
+                                 + (["--dtype", dtype] if dtype != "float32" else []))
+        assert args.func(args) == 0
+        data = json.loads((tmp_path / dtype / "accuracy.json").read_text())
+        assert data["meta"]["dtype"] == dtype and len(data["rows"][0]["predicted"]) == 5
+    assert dtypes == ["float32", "bfloat16"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["evaluate", "--dtype", "int4"])
 
 
 def test_sharded_over_two_processes_equals_one(model_dir, tmp_path):

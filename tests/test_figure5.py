@@ -1,5 +1,6 @@
 """Figure 5 (``rmt-fast evaluate --run``): every curriculum stage's best model of a training run,
 evaluated up to 4x the longest training length; the grid's shape, axes and files."""
+import argparse
 import json
 from pathlib import Path
 
@@ -91,3 +92,20 @@ def test_run_errors_name_the_flag(run_dir, tmp_path, capsys):
     assert main(["evaluate", str(run_dir / "stages" / "1" / "best"), "--run", str(run_dir),
                  "--out", str(tmp_path / "o")]) == 2
     assert "--run" in capsys.readouterr().err
+
+
+def test_train_run_reaches_the_module_under_torchrun():
+    """torchrun's own parser takes "--run" as an abbreviation of its --run-path (and stops with "ambiguous
+    option") before rmt_fast.evaluate sees it; --train-run is the same flag and passes through."""
+    from torch.distributed.run import get_args_parser
+
+    torchrun = get_args_parser()
+    args = torchrun.parse_args(["--nproc_per_node", "2", "-m", "rmt_fast.evaluate", "--train-run", "R1",
+                                "--task", "detect"])
+    assert args.training_script_args == ["--train-run", "R1", "--task", "detect"]
+    parser = argparse.ArgumentParser()
+    E.add_cli(parser.add_subparsers())
+    ours = parser.parse_args(["evaluate", *args.training_script_args, "--train-run", "R2"])
+    assert ours.run == ["R1", "R2"]
+    with pytest.raises(SystemExit):
+        torchrun.parse_args(["--nproc_per_node", "2", "-m", "rmt_fast.evaluate", "--run", "R1"])
