@@ -57,6 +57,27 @@ def make_engine(model, variant: str) -> Engine:
         quant.LAST_LAYER_KEPT, quant.INT8_ATTENTION, quant.KERNEL = kept, attention, default_kernel
 
 
+def drift_documents(n_segments: int, n_docs: int, model_dir: Path = DEFAULT_MODEL):
+    """The experiments' documents: (model, ids, labels) of Detect & Memorize test samples 0..n_docs-1
+    (seed 1234, as ``drift``) at n_segments."""
+    from rmt_fast.model import RMTForSequenceClassification
+    from rmt_fast.tasks import TaskGenerator, load_tokenizer
+
+    model = RMTForSequenceClassification.from_pretrained(str(model_dir))
+    gen = TaskGenerator("detect", load_tokenizer(str(model_dir)), model.config, split="test", seed=1234)
+    ids, labels = gen.batch(n_segments, range(n_docs))
+    return model, ids, labels
+
+
+def flips(logits: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor) -> str:
+    """One line: label agreement with ref (float32), the documents that differ, logit gaps, accuracy."""
+    agree = logits.argmax(1) == ref.argmax(1)
+    gap = (logits - ref).abs().max(1).values
+    return (f"agree {int(agree.sum())}/{len(agree)}, flipped docs {(~agree).nonzero().flatten().tolist()}, "
+            f"max gap {gap.max():.3f}, median gap {gap.median():.4f}, "
+            f"accuracy {(logits.argmax(1) == labels).float().mean():.2f}")
+
+
 def machine() -> dict:
     return {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "int8_isa": quant.cpu_int8_isa(),

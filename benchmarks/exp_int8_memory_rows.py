@@ -15,11 +15,9 @@ import torch
 from transformers.activations import ACT2FN
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_int8 import DEFAULT_MODEL, make_engine  # noqa: E402
+from bench_int8 import drift_documents, flips, make_engine  # noqa: E402
 
 from rmt_fast.engine import quant  # noqa: E402
-from rmt_fast.model import RMTForSequenceClassification  # noqa: E402
-from rmt_fast.tasks import TaskGenerator, load_tokenizer  # noqa: E402
 
 
 def patch_memory_rows(T: int, M: int, mode: dict) -> None:
@@ -46,9 +44,7 @@ def patch_memory_rows(T: int, M: int, mode: dict) -> None:
 
 def main() -> None:
     n_seg, n_docs = int(sys.argv[1]), int(sys.argv[2])
-    model = RMTForSequenceClassification.from_pretrained(str(DEFAULT_MODEL))
-    gen = TaskGenerator("detect", load_tokenizer(str(DEFAULT_MODEL)), model.config, split="test", seed=1234)
-    ids, _ = gen.batch(n_seg, range(n_docs))
+    model, ids, labels = drift_documents(n_seg, n_docs)
     mode = {"rows": None}
     patch_memory_rows(model.config.input_size, model.config.num_mem_tokens, mode)
     ref = make_engine(model, "float32").classify(ids, batch_size=n_docs)
@@ -56,11 +52,7 @@ def main() -> None:
                                 ("memexact", "int8", "memexact")]:
         mode["rows"] = rows
         logits = make_engine(model, variant).classify(ids, batch_size=n_docs)
-        gap = (logits - ref).abs().max(1).values
-        agree = logits.argmax(1) == ref.argmax(1)
-        print(f"{n_seg} seg {name}: agree {int(agree.sum())}/{n_docs}, flipped docs "
-              f"{(~agree).nonzero().flatten().tolist()}, max gap {gap.max():.3f}, median gap {gap.median():.4f}",
-              flush=True)
+        print(f"{n_seg} seg {name}: {flips(logits, ref, labels)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_int8 import DEFAULT_MODEL, make_engine  # noqa: E402
+from bench_int8 import drift_documents, flips, make_engine  # noqa: E402
 
 from rmt_fast.engine import plan as plan_mod  # noqa: E402
-from rmt_fast.model import RMTForSequenceClassification  # noqa: E402
-from rmt_fast.tasks import TaskGenerator, load_tokenizer  # noqa: E402
 
 
 def quantize_rows(x: torch.Tensor):
@@ -45,9 +43,7 @@ def qk_int8_attention(q, k, v, key_lengths, scale):
 
 def main() -> None:
     n_seg, n_docs = int(sys.argv[1]), int(sys.argv[2])
-    model = RMTForSequenceClassification.from_pretrained(str(DEFAULT_MODEL))
-    gen = TaskGenerator("detect", load_tokenizer(str(DEFAULT_MODEL)), model.config, split="test", seed=1234)
-    ids, labels = gen.batch(n_seg, range(n_docs))
+    model, ids, labels = drift_documents(n_seg, n_docs)
     ref = make_engine(model, "float32").classify(ids, batch_size=n_docs)
     original = plan_mod.InferencePlan._attend
 
@@ -59,11 +55,7 @@ def main() -> None:
     plan_mod.InferencePlan._attend = attend
     for variant in ("int8", "float32"):
         logits = make_engine(model, variant).classify(ids, batch_size=n_docs)
-        agree = logits.argmax(1) == ref.argmax(1)
-        gap = (logits - ref).abs().max(1).values
-        print(f"{n_seg} seg, {variant} + q k^T int8: agree {int(agree.sum())}/{n_docs}, flipped "
-              f"{(~agree).nonzero().flatten().tolist()}, max gap {gap.max():.3f}, median {gap.median():.4f}, "
-              f"accuracy {(logits.argmax(1) == labels).float().mean():.2f}", flush=True)
+        print(f"{n_seg} seg, {variant} + q k^T int8: {flips(logits, ref, labels)}", flush=True)
 
 
 if __name__ == "__main__":
