@@ -11,14 +11,15 @@ if __name__ == "kernels":
     import os as _os
     import sys as _sys
 
+    # Without another one, this module stays (empty, no __version__: transformers <= 5.24 imports the name
+    # to probe it and then finds no usable version).
     _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-    _saved = _sys.path[:]
+    _saved, _self = _sys.path[:], _sys.modules[__name__]
     _sys.path[:] = [p for p in _saved if _os.path.abspath(p or _os.curdir) != _root]
     del _sys.modules[__name__]
     try:
         _sys.modules[__name__] = _importlib.import_module(__name__)
     except ImportError:
-        raise ImportError(f"{_os.path.dirname(_os.path.abspath(__file__))} is rmt_fast.kernels (import it by that "
-                          "name), and no other top-level 'kernels' package is installed") from None
+        _sys.modules[__name__] = _self
     finally:
         _sys.path[:] = _saved

@@ -27,6 +27,9 @@ def test_the_top_level_name_goes_to_the_installed_kernels_package(tmp_path):
     assert r.returncode == 0 and r.stdout.split()[-1] == "rmt_fast.kernels.attention", r.stderr
 
 
-def test_without_another_kernels_package_the_error_names_rmt_fast_kernels():
-    r = _run("import kernels", "-S")                   # -S: no site-packages, so no other 'kernels'
-    assert r.returncode != 0 and "is rmt_fast.kernels (import it by that name)" in r.stderr, r.stderr
+def test_without_another_kernels_package_the_folder_stays_an_empty_module():
+    """transformers <= 5.24 imports the name to probe it: that must work and find no version."""
+    r = _run("import kernels; print(kernels.__file__, getattr(kernels, '__version__', 'N/A'))", "-S")
+    assert r.returncode == 0, r.stderr                 # -S: no site-packages, so no other 'kernels'
+    path, version = r.stdout.split()
+    assert Path(path) == ROOT / "kernels" / "__init__.py" and version == "N/A"
