@@ -138,8 +138,9 @@ def evaluate_model(model, tokenizer, task: str, lengths: Sequence[int], samples:
             docs, labels = gen.batch(n, mine[c:c + chunk])
             logits = predict(model, docs, batch_size=batch_size, engine=engine,
                              progress=progress and rank == 0 and n * len(docs) >= 4096)
-            correct += int((logits.argmax(-1) == labels).sum())
-            for i, label in zip(mine[c:c + chunk], logits.argmax(-1).tolist()):
+            chosen = logits.argmax(-1)
+            correct += int((chosen == labels).sum())
+            for i, label in zip(mine[c:c + chunk], chosen.tolist()):
                 predicted[i] = label + 1.0
         c, total = (int(x) for x in distributed.all_reduce([correct, len(mine)], device))
         predicted = [int(x) - 1 for x in distributed.all_reduce(predicted, device)]
