@@ -14,7 +14,9 @@ accuracy, and the max |logit - float32 logit| per length.
 Variants: float32; bfloat16; int8 (int8 GEMMs, bf16 elsewhere, the shipped choice); int8-intmm (the
 same on the torch._int_mm kernel); int8-attn (also
 int8 attention, all layers but the last); int8-all (also the last layer's [CLS]/memory-row GEMMs);
-int8-f32 (int8 GEMMs, float32 elsewhere: int8's own error without bf16's).
+int8-asym (int8 with asymmetric per-token activations); int8-f32 (int8 GEMMs, float32 elsewhere, as
+Engine(dtype="float32", quantize="int8") runs them: asymmetric activations); int8-f32-sym (the same with
+symmetric activations: the float32 plans' scheme before asymmetric ones were built).
 ``profile`` gives the self CPU time per torch op of one step (torch.profiler), per variant.
 ``kernels`` times the FFN-shaped GEMM as bf16 and as int8, with the int8 layer's parts.
 ``plot`` draws the max logit gap against length from one or more drift JSON files.
@@ -35,26 +37,28 @@ from rmt_fast.engine import quant
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "rmt_fast" / "data" / "default_model"
 VARIANTS = {  # name -> (dtype, quantize, int8 also on the last layer's [CLS]/memory rows, int8 attention,
-    #                   int8 GEMM kernel: None = the default)
-    "float32": ("float32", None, False, False, None),
-    "bfloat16": ("bfloat16", None, False, False, None),
-    "int8": ("bfloat16", "int8", False, False, None),
-    "int8-intmm": ("bfloat16", "int8", False, False, "int_mm"),
-    "int8-attn": ("bfloat16", "int8", False, True, None),
-    "int8-all": ("bfloat16", "int8", True, False, None),
-    "int8-f32": ("float32", "int8", False, False, None),
+    #                   int8 GEMM kernel: None = the default, activations: None = the plan's default)
+    "float32": ("float32", None, False, False, None, None),
+    "bfloat16": ("bfloat16", None, False, False, None, None),
+    "int8": ("bfloat16", "int8", False, False, None, None),
+    "int8-intmm": ("bfloat16", "int8", False, False, "int_mm", None),
+    "int8-attn": ("bfloat16", "int8", False, True, None, None),
+    "int8-all": ("bfloat16", "int8", True, False, None, None),
+    "int8-asym": ("bfloat16", "int8", False, False, None, "asymmetric"),
+    "int8-f32": ("float32", "int8", False, False, None, None),           # asymmetric: float32 plans' default
+    "int8-f32-sym": ("float32", "int8", False, False, None, "symmetric"),
 }
 
 
 def make_engine(model, variant: str) -> Engine:
-    dtype, quantize, all_rows, int8_attention, kernel = VARIANTS[variant]
-    kept, attention, default_kernel = quant.LAST_LAYER_KEPT, quant.INT8_ATTENTION, quant.KERNEL
-    quant.LAST_LAYER_KEPT = () if all_rows else kept
-    quant.INT8_ATTENTION, quant.KERNEL = int8_attention, kernel
+    dtype, quantize, all_rows, int8_attention, kernel, activations = VARIANTS[variant]
+    saved = quant.LAST_LAYER_KEPT, quant.INT8_ATTENTION, quant.KERNEL, quant.ACTIVATIONS
+    quant.LAST_LAYER_KEPT = () if all_rows else saved[0]
+    quant.INT8_ATTENTION, quant.KERNEL, quant.ACTIVATIONS = int8_attention, kernel, activations
     try:
         return Engine(model, dtype=dtype, quantize=quantize)
     finally:
-        quant.LAST_LAYER_KEPT, quant.INT8_ATTENTION, quant.KERNEL = kept, attention, default_kernel
+        quant.LAST_LAYER_KEPT, quant.INT8_ATTENTION, quant.KERNEL, quant.ACTIVATIONS = saved
 
 
 def drift_documents(n_segments: int, n_docs: int, model_dir: Path = DEFAULT_MODEL):

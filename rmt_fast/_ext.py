@@ -23,14 +23,15 @@ import warnings
 import torch
 
 from ._ext_twins import (INT8_ACTIVATIONS, attention_torch, int8_dequantize_torch, int8_linear_torch,  # noqa: F401
-                         int8_linear_vnni_torch, int8_quantize_rows_torch,
+                         int8_linear_vnni_torch, int8_quantize_rows_torch, int8_quantize_rows_asym_torch,
                          attention_int8_torch, memory_write_torch, segment_embed_torch)
 
 __all__ = [
     "available", "why_unavailable", "built_with_cuda", "info", "SCHEMAS",
     "segment_embed", "segment_embed_torch", "memory_write", "memory_write_torch",
     "attention", "attention_op", "attention_torch", "attention_why_unavailable",
-    "INT8_SCHEMAS", "int8_quantize_rows", "int8_quantize_rows_torch", "int8_dequantize", "int8_dequantize_torch",
+    "INT8_SCHEMAS", "int8_quantize_rows", "int8_quantize_rows_torch", "int8_quantize_rows_asym",
+    "int8_quantize_rows_asym_torch", "int8_dequantize", "int8_dequantize_torch",
     "int8_linear", "int8_linear_torch", "int8_linear_vnni", "int8_linear_vnni_torch", "int8_kernels_compiled",
     "int8_vnni_compiled", "attention_int8", "attention_int8_torch",
 ]
@@ -48,16 +49,21 @@ SCHEMAS = {
 INT8_SCHEMAS = {
     # x [R, K] -> (q [R, K] int8, scale [R, 1] float32): symmetric per row, round half to even
     "int8_quantize_rows": "int8_quantize_rows(Tensor x) -> (Tensor, Tensor)",
-    # out [R, N] = act(acc * row_scale * col_scale + bias), act 'none', 'gelu' (erf) or 'relu'
+    # x [R, K] -> (q [R, K] int8, scale [R, 1] float32, zero [R, 1] int32): asymmetric per row,
+    # x ~ scale * (q - zero)
+    "int8_quantize_rows_asym": "int8_quantize_rows_asym(Tensor x) -> (Tensor, Tensor, Tensor)",
+    # out [R, N] = act((acc - row_zero * col_sum) * row_scale * col_scale + bias), act 'none', 'gelu' (erf)
+    # or 'relu'; row_zero [R] and col_sum [N] int32 (the weight's column sums) for asymmetric rows only
     "int8_dequantize": "int8_dequantize(Tensor acc, Tensor row_scale, Tensor col_scale, Tensor bias, "
-                       "str activation, Tensor(a!) out) -> ()",
-    # out [R, N] = the two above around torch._int_mm (qweight_t [K, N] int8), per block of row_block rows
+                       "str activation, Tensor(a!) out, Tensor? row_zero=None, Tensor? col_sum=None) -> ()",
+    # out [R, N] = quantize, torch._int_mm (qweight_t [K, N] int8), dequantize, per block of row_block rows;
+    # asymmetric rows where col_sum [N] int32 (qweight_t's column sums) is given
     "int8_linear": "int8_linear(Tensor x, Tensor qweight_t, Tensor weight_scale, Tensor bias, str activation, "
-                   "int row_block, Tensor(a!) out) -> ()",
+                   "int row_block, Tensor(a!) out, Tensor? col_sum=None) -> ()",
     # the same as int8_linear on oneDNN's u8 x s8 micro-kernel: packed [Np/64, Kp/4, 64, 4] int8 (quant.pack_vnni),
     # comp [N] int32 = 128 * the weight's column sums (csrc/cpu/int8_vnni.cpp)
     "int8_linear_vnni": "int8_linear_vnni(Tensor x, Tensor packed, Tensor comp, Tensor weight_scale, Tensor bias, "
-                        "str activation, int row_block, Tensor(a!) out) -> ()",
+                        "str activation, int row_block, Tensor(a!) out, bool asymmetric=False) -> ()",
     # attention with int8 q, k, v and uint8 probabilities on the same micro-kernel (csrc/cpu/attention_int8.cpp)
     "attention_int8": "attention_int8(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale) -> Tensor",
 }
@@ -67,6 +73,7 @@ def _segment_embed_twin_kernel(*args) -> None:  # the schema returns nothing
 
 _TWINS = {"segment_embed": _segment_embed_twin_kernel, "memory_write": memory_write_torch,
           "attention": attention_torch, "int8_quantize_rows": int8_quantize_rows_torch,
+          "int8_quantize_rows_asym": int8_quantize_rows_asym_torch,
           "int8_dequantize": int8_dequantize_torch, "int8_linear": int8_linear_torch,
           "int8_linear_vnni": int8_linear_vnni_torch, "attention_int8": attention_int8_torch}
 
@@ -78,7 +85,7 @@ _REASON: str | None = None
 _ATTENTION_REASON: str | None = None
 _INT8_COMPILED = False
 _INT8_VNNI_COMPILED = False
-_INT8_PASSES = ("int8_quantize_rows", "int8_dequantize", "int8_linear")    # int8_kernels_compiled()
+_INT8_PASSES = ("int8_quantize_rows", "int8_quantize_rows_asym", "int8_dequantize", "int8_linear")    # int8_kernels_compiled()
 
 
 def _load() -> None:
@@ -244,21 +251,27 @@ def int8_quantize_rows(x):
     return torch.ops.rmt_fast.int8_quantize_rows(x)
 
 
-def int8_dequantize(acc, row_scale, col_scale, bias, activation, out):
+def int8_quantize_rows_asym(x):
+    """torch.ops.rmt_fast.int8_quantize_rows_asym (semantics: int8_quantize_rows_asym_torch): (q, scale, zero)."""
+    return torch.ops.rmt_fast.int8_quantize_rows_asym(x)
+
+
+def int8_dequantize(acc, row_scale, col_scale, bias, activation, out, row_zero=None, col_sum=None):
     """torch.ops.rmt_fast.int8_dequantize (semantics: int8_dequantize_torch); returns out."""
-    torch.ops.rmt_fast.int8_dequantize(acc, row_scale, col_scale, bias, activation, out)
+    torch.ops.rmt_fast.int8_dequantize(acc, row_scale, col_scale, bias, activation, out, row_zero, col_sum)
     return out
 
 
-def int8_linear(x, qweight_t, weight_scale, bias, activation, row_block, out):
+def int8_linear(x, qweight_t, weight_scale, bias, activation, row_block, out, col_sum=None):
     """torch.ops.rmt_fast.int8_linear (semantics: int8_linear_torch); returns out."""
-    torch.ops.rmt_fast.int8_linear(x, qweight_t, weight_scale, bias, activation, int(row_block), out)
+    torch.ops.rmt_fast.int8_linear(x, qweight_t, weight_scale, bias, activation, int(row_block), out, col_sum)
     return out
 
 
-def int8_linear_vnni(x, packed, comp, weight_scale, bias, activation, row_block, out):
+def int8_linear_vnni(x, packed, comp, weight_scale, bias, activation, row_block, out, asymmetric=False):
     """torch.ops.rmt_fast.int8_linear_vnni (semantics: int8_linear_vnni_torch); returns out."""
-    torch.ops.rmt_fast.int8_linear_vnni(x, packed, comp, weight_scale, bias, activation, int(row_block), out)
+    torch.ops.rmt_fast.int8_linear_vnni(x, packed, comp, weight_scale, bias, activation, int(row_block), out,
+                                        bool(asymmetric))
     return out
 
 

@@ -186,10 +186,28 @@ def int8_quantize_rows_torch(x):
     return xf.div_(scale).round_().to(torch.int8), scale
 
 
-def int8_dequantize_torch(acc, row_scale, col_scale, bias, activation, out):
-    """out [R, N] = act(acc * row_scale[r] * col_scale[n] + bias[n]) in float32, rounded once to out's
-    dtype; acc [R, N] int32, row_scale R float32 values ([R] or [R, 1]), col_scale and bias [N]
-    float32, act 'none', 'gelu' (erf) or 'relu'. Writes out; returns None."""
+def int8_quantize_rows_asym_torch(x):
+    """x [R, K] float32/bfloat16/float16 -> (q [R, K] int8, scale [R, 1] float32, zero [R, 1] int32),
+    asymmetric per row: lo = min(x, 0), hi = max(x, 0), scale = max((hi - lo) / 255, float32 tiny),
+    z = round(-lo / scale), u = clamp(round(x / scale) + z, 0, 255); q = u - 128, zero = z - 128, so that
+    x ~ scale * (q - zero). All in float32, rounding half to even."""
+    sz = _check_args("int8_quantize_rows_asym", [("x", x, "R K", _HALF_OR_FLOAT)], device_of="x")
+    xf = x.to(torch.float32, copy=True)                                        # divided in place below
+    if sz["K"]:
+        lo, hi = xf.amin(dim=1, keepdim=True).clamp_(max=0), xf.amax(dim=1, keepdim=True).clamp_(min=0)
+    else:
+        lo = hi = xf.new_zeros(sz["R"], 1)
+    scale = ((hi - lo) / 255).clamp_min_(torch.finfo(torch.float32).tiny)
+    z = torch.round(-lo / scale).clamp_(0, 255)
+    u = xf.div_(scale).round_().add_(z).clamp_(0, 255)
+    return (u - 128).to(torch.int8), scale, (z - 128).to(torch.int32)
+
+
+def int8_dequantize_torch(acc, row_scale, col_scale, bias, activation, out, row_zero=None, col_sum=None):
+    """out [R, N] = act((acc - row_zero[r] * col_sum[n]) * row_scale[r] * col_scale[n] + bias[n]) in
+    float32, rounded once to out's dtype; acc [R, N] int32, row_scale R float32 values ([R] or [R, 1]),
+    col_scale and bias [N] float32, act 'none', 'gelu' (erf) or 'relu'; row_zero (R int32 values) and
+    col_sum ([N] int32) together or neither (then 0). Writes out; returns None."""
     op = "int8_dequantize"
     _check_args(op, [("acc", acc, "R N", (torch.int32,)), ("col_scale", col_scale, "N", (torch.float32,)),
                      ("bias", bias, "N", (torch.float32,)), ("out", out, "R N", _HALF_OR_FLOAT)], device_of="acc")
@@ -198,6 +216,16 @@ def int8_dequantize_torch(acc, row_scale, col_scale, bias, activation, out):
                   f"of shape {list(row_scale.shape)}")
     if activation not in INT8_ACTIVATIONS:
         _fail(op, f"activation must be 'none', 'gelu' or 'relu', got '{activation}'")
+    if (row_zero is None) != (col_sum is None):
+        _fail(op, "row_zero and col_sum go together (asymmetric rows), got only "
+                  f"{'row_zero' if col_sum is None else 'col_sum'}")
+    if row_zero is not None:
+        if row_zero.dtype != torch.int32 or row_zero.numel() != acc.shape[0]:
+            _fail(op, f"row_zero must be int32 with R = {acc.shape[0]} values, got {row_zero.dtype} "
+                      f"of shape {list(row_zero.shape)}")
+        _check_args(op, [("acc", acc, "R N", (torch.int32,)), ("col_sum", col_sum, "N", (torch.int32,))],
+                    device_of="acc")
+        acc = acc - row_zero.reshape(-1, 1) * col_sum                          # exact in int32
     y = acc.float().mul_(row_scale.reshape(-1, 1))      # a same-dtype multiply is vectorized
     y = torch.addcmul(bias, y, col_scale, out=y)
     if activation != "none":
@@ -205,23 +233,29 @@ def int8_dequantize_torch(acc, row_scale, col_scale, bias, activation, out):
     out.copy_(y)
 
 
-def int8_linear_torch(x, qweight_t, weight_scale, bias, activation, row_block, out):
+def int8_linear_torch(x, qweight_t, weight_scale, bias, activation, row_block, out, col_sum=None):
     """out [R, N] = dequantize(torch._int_mm(quantize_rows(x), qweight_t)) per block of ``row_block``
-    rows: x [R, K] float, qweight_t [K, N] int8, weight_scale and bias [N] float32. Returns None."""
+    rows: x [R, K] float, qweight_t [K, N] int8, weight_scale and bias [N] float32; with col_sum
+    (qweight_t's column sums, [N] int32) the rows are quantized asymmetrically. Returns None."""
     if row_block < 1:
         _fail("int8_linear", f"row_block must be >= 1, got {row_block}")
     if activation not in INT8_ACTIVATIONS:
         _fail("int8_linear", f"activation must be 'none', 'gelu' or 'relu', got '{activation}'")
     for r in range(0, x.shape[0], row_block):
-        q, scale = int8_quantize_rows_torch(x[r:r + row_block])
-        int8_dequantize_torch(torch._int_mm(q, qweight_t), scale, weight_scale, bias, activation, out[r:r + row_block])
+        if col_sum is None:
+            q, scale = int8_quantize_rows_torch(x[r:r + row_block])
+            zero = None
+        else:
+            q, scale, zero = int8_quantize_rows_asym_torch(x[r:r + row_block])
+        int8_dequantize_torch(torch._int_mm(q, qweight_t), scale, weight_scale, bias, activation,
+                              out[r:r + row_block], zero, col_sum)
 
 
-def int8_linear_vnni_torch(x, packed, comp, weight_scale, bias, activation, row_block, out):
+def int8_linear_vnni_torch(x, packed, comp, weight_scale, bias, activation, row_block, out, asymmetric=False):
     """int8_linear with the weight in the micro-kernel's layout: packed [Np/64, Kp/4, 64, 4] int8 holds
     w [K, N] (packed[n // 64, k // 4, n % 64, k % 4] = w[k, n], zeros in the padding to Kp = K rounded
     up to 4 and Np = N rounded up to 64), comp [N] int32 = 128 * w.sum(0) (the kernel's zero-point
-    correction). Returns None."""
+    correction); asymmetric rows as int8_linear's with col_sum = comp / 128. Returns None."""
     op = "int8_linear_vnni"
     K, N = x.shape[1], out.shape[1]
     want = (-(-N // 64), -(-K // 4), 64, 4)
@@ -231,7 +265,8 @@ def int8_linear_vnni_torch(x, packed, comp, weight_scale, bias, activation, row_
     if comp.dtype != torch.int32 or tuple(comp.shape) != (N,):
         _fail(op, f"comp must be int32, of shape (N) = [{N}], got {comp.dtype} of shape {list(comp.shape)}")
     w = packed.permute(1, 3, 0, 2).reshape(want[1] * 4, want[0] * 64)[:K, :N]       # [K, N] int8
-    int8_linear_torch(x, w, weight_scale, bias, activation, row_block, out)
+    int8_linear_torch(x, w, weight_scale, bias, activation, row_block, out,
+                      torch.div(comp, 128, rounding_mode="floor") if asymmetric else None)
 
 
 _LOG2_255 = torch.tensor(7.99435343685885793, dtype=torch.float32)

@@ -61,10 +61,13 @@ def run_info(args) -> int:
             why_not = packing_available(torch.device(dev), dtype)
             print(f"packed linear {dev}/{str(dtype).replace('torch.', '')}: "
                   + ("yes (oneDNN)" if why_not is None else f"no ({why_not})"))
-        try:
-            print(f"int8 linear {dev}: yes, {check_quantize('int8', torch.device(dev))}")
-        except ValueError as e:
-            print(f"int8 linear {dev}: no ({e})")
+        for dtype in (torch.bfloat16, torch.float32):
+            try:
+                status = check_quantize('int8', torch.device(dev), dtype)
+                print(f"int8 linear {dev}/{str(dtype).replace('torch.', '')}: yes, {status}")
+            except ValueError as e:
+                print(f"int8 linear {dev}/{str(dtype).replace('torch.', '')}: no ({e})")
+                break
     from . import envvars
     # what dtype="auto" and attention="auto" pick on each device, and why
     print("\n".join(line for dev in devices for line in backends.describe_auto(torch.device(dev))))

@@ -186,11 +186,18 @@ def test_opcheck():
     from torch.library import opcheck
     x = torch.randn(7, 33).to(torch.bfloat16)
     opcheck(torch.ops.rmt_fast.int8_quantize_rows.default, (x,))
+    opcheck(torch.ops.rmt_fast.int8_quantize_rows_asym.default, (x,))
     acc, sx, sw, bias = dequantize_inputs(7, 33)
     opcheck(torch.ops.rmt_fast.int8_dequantize.default, (acc, sx, sw, bias, "gelu", torch.empty(7, 33)))
     qw = torch.randint(-127, 128, (40, 33), dtype=torch.int8)                 # [N, K]
     opcheck(torch.ops.rmt_fast.int8_linear.default,
             (x, qw.t(), torch.rand(40) * 1e-2, torch.randn(40), "relu", 4, torch.empty(7, 40, dtype=torch.bfloat16)))
+    opcheck(torch.ops.rmt_fast.int8_linear.default,
+            (x, qw.t(), torch.rand(40) * 1e-2, torch.randn(40), "relu", 4, torch.empty(7, 40, dtype=torch.bfloat16),
+             qw.int().sum(1, dtype=torch.int32)))
+    opcheck(torch.ops.rmt_fast.int8_dequantize.default,
+            (acc, sx, sw, bias, "none", torch.empty(7, 33), torch.randint(-128, 128, (7, 1), dtype=torch.int32),
+             torch.randint(-5000, 5000, (33,), dtype=torch.int32)))
 
 
 @pytest.mark.skipif(not COMPILED, reason="no compiled int8 kernels")
@@ -217,7 +224,8 @@ def test_other_code_paths_in_a_subprocess(switch, capability):
     if capability:
         env["RMT_FAST_INT8_EXPECT_CAPABILITY"] = capability
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-                          str(Path(__file__)), "-k", "(compiled or capability) and not subprocess"],
+                          str(Path(__file__)), str(Path(__file__).with_name("test_int8_asymmetric.py")),
+                          "-k", "(compiled or capability) and not subprocess"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "failed" not in run.stdout
@@ -259,9 +267,9 @@ def test_int8_linear_runs_on_the_ops(act, monkeypatch):
     lin = Int8Linear(torch.randn(45, 77), torch.randn(45), act, out_dtype=torch.bfloat16)
     got = {"ops": (lin(x), int8_linear_oracle(lin, x, act).view(2, 300, 45))}
     monkeypatch.setattr(_ext, "int8_quantize_rows", _ext.int8_quantize_rows_torch)
-    monkeypatch.setattr(_ext, "int8_dequantize", lambda *a: _ext.int8_dequantize_torch(*a) or a[-1])
-    monkeypatch.setattr(_ext, "int8_linear", lambda *a: _ext.int8_linear_torch(*a) or a[-1])
-    monkeypatch.setattr(_ext, "int8_linear_vnni", lambda *a: _ext.int8_linear_vnni_torch(*a) or a[-1])
+    monkeypatch.setattr(_ext, "int8_dequantize", lambda *a: _ext.int8_dequantize_torch(*a) or a[5])   # out
+    monkeypatch.setattr(_ext, "int8_linear", lambda *a: _ext.int8_linear_torch(*a) or a[6])
+    monkeypatch.setattr(_ext, "int8_linear_vnni", lambda *a: _ext.int8_linear_vnni_torch(*a) or a[7])
     got["twins"] = (lin(x), int8_linear_oracle(lin, x, act).view(2, 300, 45))
     for name, (y, want) in got.items():
         err = (y.double() - want).abs()

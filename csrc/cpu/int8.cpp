@@ -2,12 +2,17 @@
 //
 //   int8_quantize_rows: x [R, K] (float32/bfloat16/float16) -> q [R, K] int8, scale [R, 1] float32,
 //     scale[r] = max(amax_k |x[r, k]|, FLT_MIN) / 127 (float32), q = round-half-even(x / scale[r]);
+//   int8_quantize_rows_asym: the same, asymmetric: q = u - 128, zero [R, 1] int32 = z - 128, where
+//     u = clamp(round(x / s) + z, 0, 255), s = max((max(x, 0) - min(x, 0)) / 255, FLT_MIN),
+//     z = round(-min(x, 0) / s): x ~ scale[r] * (q - zero[r]);
 //   int8_dequantize: acc [R, N] int32 -> out [R, N] (float32/bfloat16/float16),
-//     out = act(fma(float(acc) * row_scale[r], col_scale[n], bias[n])) rounded once to out's dtype,
+//     out = act(fma(float(acc - row_zero[r] * col_sum[n]) * row_scale[r], col_scale[n], bias[n])) rounded
+//     once to out's dtype (row_zero and col_sum, the weight's column sums, only for asymmetric rows),
 //     act one of none, gelu (erf) and relu;
 //   int8_linear: the two around at::_int_mm, per block of rows, one block per task of ONE parallel
 //     region (each thread quantizes, multiplies and dequantizes its own blocks, so the int32 sums stay
-//     in its cache and the GEMM costs one barrier, not three per block).
+//     in its cache and the GEMM costs one barrier, not three per block); asymmetric rows where the
+//     weight's col_sum is given.
 //
 // Each is one pass over memory (a row is read once into cache and written once), where the torch
 // ops they replace made four to six. The row kernels are in int8_rows.h.
@@ -19,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "../rmt_fast.h"
@@ -50,8 +56,34 @@ std::tuple<at::Tensor, at::Tensor> int8_quantize_rows_cpu(const at::Tensor& x) {
   return {q, scale};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_quantize_rows_asym_cpu(const at::Tensor& x) {
+  const char* op = "int8_quantize_rows_asym";
+  check_rows(op, "x", x);
+  const int64_t R = x.size(0), K = x.size(1), ld = x.stride(0);
+  at::Tensor q = at::empty({R, K}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({R, 1}, x.options().dtype(at::kFloat));
+  at::Tensor zero = at::empty({R, 1}, x.options().dtype(at::kInt));
+  if (R == 0) return {q, scale, zero};
+  int8_t* qd = q.data_ptr<int8_t>();
+  float* sd = scale.data_ptr<float>();
+  int32_t* zd = zero.data_ptr<int32_t>();
+  const bool avx = cpu_has_avx512();
+  dispatch_float<false>(x.scalar_type(), "rmt_fast::int8_quantize_rows_asym: x", [&](auto zero_value) {
+    using T = decltype(zero_value);
+    const T* xd = x.const_data_ptr<T>();
+    at::parallel_for(0, R, grain_rows(K), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        quantize_row_asym(avx, xd + r * ld, K, qd + r * K, sd + r, zd + r);
+        zd[r] -= 128;  // q holds u - 128
+      }
+    });
+  });
+  return {q, scale, zero};
+}
+
 void int8_dequantize_cpu(const at::Tensor& acc, const at::Tensor& row_scale, const at::Tensor& col_scale,
-                         const at::Tensor& bias, c10::string_view activation, at::Tensor& out) {
+                         const at::Tensor& bias, c10::string_view activation, at::Tensor& out,
+                         const std::optional<at::Tensor>& row_zero, const std::optional<at::Tensor>& col_sum) {
   const char* op = "int8_dequantize";
   check_rows(op, "acc", acc);
   check_rows(op, "out", out);
@@ -64,8 +96,19 @@ void int8_dequantize_cpu(const at::Tensor& acc, const at::Tensor& row_scale, con
               row_scale.scalar_type(), " of shape ", row_scale.sizes());
   check_vector(op, "col_scale", col_scale, N, at::kFloat, "float32");
   check_vector(op, "bias", bias, N, at::kFloat, "float32");
+  TORCH_CHECK(row_zero.has_value() == col_sum.has_value(), "rmt_fast::", op,
+              ": row_zero and col_sum go together (asymmetric rows), got only ",
+              row_zero.has_value() ? "row_zero" : "col_sum");
+  if (row_zero) {
+    TORCH_CHECK(row_zero->numel() == R && row_zero->is_contiguous() && row_zero->scalar_type() == at::kInt,
+                "rmt_fast::", op, ": row_zero must be contiguous int32 with R = ", R, " values, got ",
+                row_zero->scalar_type(), " of shape ", row_zero->sizes());
+    check_vector(op, "col_sum", *col_sum, N, at::kInt, "int32");
+  }
   const Act act = parse_act(op, std::string(activation));
   if (R == 0 || N == 0) return;
+  const int32_t* zr = row_zero ? row_zero->const_data_ptr<int32_t>() : nullptr;
+  const int32_t* cs = col_sum ? col_sum->const_data_ptr<int32_t>() : nullptr;
   const int32_t* ad = acc.const_data_ptr<int32_t>();
   const float* sx = row_scale.const_data_ptr<float>();
   const float* sw = col_scale.const_data_ptr<float>();
@@ -77,7 +120,7 @@ void int8_dequantize_cpu(const at::Tensor& acc, const at::Tensor& row_scale, con
     T* od = out.data_ptr<T>();
     at::parallel_for(0, R, grain_rows(N), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        dequantize_row_act(act, avx, native_bf16, ad + r * lda, nullptr, N, sx[r], sw, bd, od + r * ldo);
+        dequantize_row_act(act, avx, native_bf16, ad + r * lda, cs, zr ? zr[r] : 0, N, sx[r], sw, bd, od + r * ldo);
       }
     });
   });
@@ -85,9 +128,11 @@ void int8_dequantize_cpu(const at::Tensor& acc, const at::Tensor& row_scale, con
 
 // out [R, N] = act(x [R, K] @ W^T * scales + bias), W given as qweight_t [K, N] int8 (any strides)
 // with its per-channel weight_scale [N]; blocks of row_block rows, each on one thread (the ops
-// inside a parallel region run on the calling thread).
+// inside a parallel region run on the calling thread). With col_sum (W's column sums, [N] int32) the
+// rows are quantized asymmetrically.
 void int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight_t, const at::Tensor& weight_scale,
-                     const at::Tensor& bias, c10::string_view activation, int64_t row_block, at::Tensor& out) {
+                     const at::Tensor& bias, c10::string_view activation, int64_t row_block, at::Tensor& out,
+                     const std::optional<at::Tensor>& col_sum) {
   const char* op = "int8_linear";
   check_rows(op, "x", x);
   check_rows(op, "out", out);
@@ -99,13 +144,21 @@ void int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight_t, const at:
   TORCH_CHECK(out.size(0) == R && out.size(1) == qweight_t.size(1), "rmt_fast::", op,
               ": out must have shape (R, N) = [", R, ", ", qweight_t.size(1), "], got ", out.sizes());
   parse_act(op, std::string(activation));  // checked before any work
+  if (col_sum) check_vector(op, "col_sum", *col_sum, qweight_t.size(1), at::kInt, "int32");
   const int64_t blocks = (R + row_block - 1) / row_block;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t r0 = b * row_block, rows = std::min(row_block, R - r0);
-      auto [q, scale] = int8_quantize_rows_cpu(x.narrow(0, r0, rows));
       at::Tensor block_out = out.narrow(0, r0, rows);
-      int8_dequantize_cpu(at::_int_mm(q, qweight_t), scale, weight_scale, bias, activation, block_out);
+      if (col_sum) {
+        auto [q, scale, zero] = int8_quantize_rows_asym_cpu(x.narrow(0, r0, rows));
+        int8_dequantize_cpu(at::_int_mm(q, qweight_t), scale, weight_scale, bias, activation, block_out, zero,
+                            col_sum);
+      } else {
+        auto [q, scale] = int8_quantize_rows_cpu(x.narrow(0, r0, rows));
+        int8_dequantize_cpu(at::_int_mm(q, qweight_t), scale, weight_scale, bias, activation, block_out,
+                            std::nullopt, std::nullopt);
+      }
     }
   });
 }
@@ -114,6 +167,7 @@ void int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight_t, const at:
 
 TORCH_LIBRARY_IMPL(rmt_fast, CPU, m) {
   m.impl("int8_quantize_rows", &int8_quantize_rows_cpu);
+  m.impl("int8_quantize_rows_asym", &int8_quantize_rows_asym_cpu);
   m.impl("int8_dequantize", &int8_dequantize_cpu);
   m.impl("int8_linear", &int8_linear_cpu);
 }

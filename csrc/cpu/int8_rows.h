@@ -1,6 +1,8 @@
 // The row kernels of the int8 ops (csrc/cpu/int8.cpp, int8_vnni.cpp; docs/EXTENSION.md, "int8 passes"):
-// quantize a row per token (int8, or uint8 = int8 + 128 for the u8 x s8 micro-kernel), and dequantize a
-// row of int32 sums (+ scales + bias + activation + rounding to the output dtype) in one pass.
+// quantize a row per token (int8, or uint8 = int8 + 128 for the u8 x s8 micro-kernel), symmetric
+// (x ~ scale * q) or asymmetric (x ~ scale * (u - z), u and the zero point z in [0, 255]), and dequantize
+// a row of int32 sums (- a zero-point correction + scales + bias + activation + rounding to the output
+// dtype) in one pass.
 // AVX-512 where ATen runs its own AVX-512 kernels (at::get_cpu_capability(); ATEN_CPU_CAPABILITY=avx2
 // takes the scalar code, as the tests do), with target attributes so the build flags stay generic (as
 // avx512.h); elsewhere scalar loops that give the same integers and, apart from GELU's erf (std::erf
@@ -58,6 +60,30 @@ void quantize_row_scalar(const T* x, int64_t K, Q* q, float* scale) {
   *scale = s;
 }
 
+// Asymmetric: the range [min(x, 0), max(x, 0)] in 256 steps, s = max(range / 255, FLT_MIN),
+// z = round(-min / s) in [0, 255], u = clamp(round(x / s) + z, 0, 255), x ~ s * (u - z).
+// Q = uint8_t stores u, Q = int8_t stores u - 128; *zero is z either way.
+inline float asym_scale(float lo, float hi) { return std::max((hi - lo) / 255.f, FLT_MIN); }
+inline int32_t asym_zero(float lo, float s) { return std::clamp(static_cast<int32_t>(std::nearbyint(-lo / s)), 0, 255); }
+
+template <typename T, typename Q>
+void quantize_row_asym_scalar(const T* x, int64_t K, Q* q, float* scale, int32_t* zero) {
+  float lo = 0.f, hi = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    lo = std::min(lo, float(x[k]));
+    hi = std::max(hi, float(x[k]));
+  }
+  const float s = asym_scale(lo, hi);
+  const int32_t z = asym_zero(lo, s);
+  constexpr int kShift = std::is_same_v<Q, uint8_t> ? 0 : 128;
+  for (int64_t k = 0; k < K; ++k) {
+    const int32_t u = std::clamp(static_cast<int32_t>(std::nearbyint(float(x[k]) / s)) + z, 0, 255);
+    q[k] = static_cast<Q>(u - kShift);
+  }
+  *scale = s;
+  *zero = z;
+}
+
 inline float act_scalar(Act act, float y) {
   switch (act) {
     case Act::kGelu:
@@ -70,10 +96,10 @@ inline float act_scalar(Act act, float y) {
 }
 
 template <typename T>
-void dequantize_row_scalar(const int32_t* acc, const int32_t* comp, int64_t N, float sx, const float* sw,
-                           const float* bias, Act act, T* out) {
+void dequantize_row_scalar(const int32_t* acc, const int32_t* comp, int32_t comp_mul, int64_t N, float sx,
+                           const float* sw, const float* bias, Act act, T* out) {
   for (int64_t n = 0; n < N; ++n) {
-    const float y = std::fma(float(comp ? acc[n] - comp[n] : acc[n]) * sx, sw[n], bias[n]);
+    const float y = std::fma(float(comp ? acc[n] - comp_mul * comp[n] : acc[n]) * sx, sw[n], bias[n]);
     out[n] = static_cast<T>(act_scalar(act, y));  // c10: round to nearest even
   }
 }
@@ -121,6 +147,30 @@ RMT_AVX512_BW void quantize_row_avx512(const T* x, int64_t K, Q* q, float* scale
   *scale = s;
 }
 
+template <typename T, typename Q>
+RMT_AVX512_BW void quantize_row_asym_avx512(const T* x, int64_t K, Q* q, float* scale, int32_t* zero) {
+  __m512 lo = _mm512_setzero_ps(), hi = lo;  // from 0: the range holds 0 (masked lanes load 0)
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512 v = load16(x + k, tail_mask(std::min<int64_t>(16, K - k)));
+    lo = _mm512_min_ps(lo, v);
+    hi = _mm512_max_ps(hi, v);
+  }
+  const float l = _mm512_reduce_min_ps(lo), s = asym_scale(l, _mm512_reduce_max_ps(hi));
+  const int32_t z = asym_zero(l, s);
+  const __m512 vs = _mm512_set1_ps(s);
+  const __m512i vz = _mm512_set1_epi32(z), v0 = _mm512_setzero_si512(), v255 = _mm512_set1_epi32(255);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = tail_mask(std::min<int64_t>(16, K - k));
+    const __m512 v = _mm512_div_ps(load16(x + k, m), vs);  // a true division, as the scalar code
+    __m512i u = _mm512_add_epi32(_mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vz);
+    u = _mm512_min_epi32(_mm512_max_epi32(u, v0), v255);
+    if constexpr (!std::is_same_v<Q, uint8_t>) u = _mm512_sub_epi32(u, _mm512_set1_epi32(128));
+    _mm_mask_storeu_epi8(q + k, m, _mm512_cvtepi32_epi8(u));  // in range: truncation is exact
+  }
+  *scale = s;
+  *zero = z;
+}
+
 // erf by the rational approximation of XLA's ErfImpl32 and Eigen's fast erf (x clamped to +-4,
 // where erf is +-1 in float32; x * P(x^2) / Q(x^2), degrees 13 and 8): no exp, one reciprocal (rcp14
 // and a Newton step). Its error against float64, measured by the tests, is within their float32 bound.
@@ -142,12 +192,16 @@ RMT_AVX512_BW static inline __m512 erf_512(__m512 x) {
   return _mm512_mul_ps(_mm512_mul_ps(x, p), r);
 }
 
-// 16 columns from acc: act(fma(acc * sx, sw, bias)) in float32 (lanes outside m are zeros).
+// 16 columns from acc: act(fma((acc - comp_mul * comp) * sx, sw, bias)) in float32 (lanes outside m are zeros).
 template <Act kAct>
-RMT_AVX512_BW static inline __m512 dequantize16(const int32_t* acc, const int32_t* comp, const float* sw,
-                                                const float* bias, __m512 vsx, __mmask16 m) {
+RMT_AVX512_BW static inline __m512 dequantize16(const int32_t* acc, const int32_t* comp, int32_t comp_mul,
+                                                const float* sw, const float* bias, __m512 vsx, __mmask16 m) {
   __m512i i = _mm512_maskz_loadu_epi32(m, acc);
-  if (comp) i = _mm512_sub_epi32(i, _mm512_maskz_loadu_epi32(m, comp));
+  if (comp) {
+    __m512i c = _mm512_maskz_loadu_epi32(m, comp);
+    if (comp_mul != 1) c = _mm512_mullo_epi32(c, _mm512_set1_epi32(comp_mul));
+    i = _mm512_sub_epi32(i, c);
+  }
   const __m512 a = _mm512_cvtepi32_ps(i);
   __m512 y = _mm512_fmadd_ps(_mm512_mul_ps(a, vsx), _mm512_maskz_loadu_ps(m, sw), _mm512_maskz_loadu_ps(m, bias));
   if constexpr (kAct == Act::kGelu) {
@@ -160,12 +214,13 @@ RMT_AVX512_BW static inline __m512 dequantize16(const int32_t* acc, const int32_
 }
 
 template <Act kAct, typename T>
-RMT_AVX512_BW void dequantize_row_avx512(const int32_t* acc, const int32_t* comp, int64_t N, float sx,
-                                         const float* sw, const float* bias, T* out) {
+RMT_AVX512_BW void dequantize_row_avx512(const int32_t* acc, const int32_t* comp, int32_t comp_mul, int64_t N,
+                                         float sx, const float* sw, const float* bias, T* out) {
   const __m512 vsx = _mm512_set1_ps(sx);
   for (int64_t n = 0; n < N; n += 16) {
     const int64_t count = std::min<int64_t>(16, N - n);
-    store16(out + n, dequantize16<kAct>(acc + n, comp ? comp + n : nullptr, sw + n, bias + n, vsx, tail_mask(count)),
+    store16(out + n,
+            dequantize16<kAct>(acc + n, comp ? comp + n : nullptr, comp_mul, sw + n, bias + n, vsx, tail_mask(count)),
             count);
   }
 }
@@ -176,13 +231,14 @@ RMT_AVX512_BW void dequantize_row_avx512(const int32_t* acc, const int32_t* comp
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
 
 template <Act kAct>
-RMT_AVX512_BW_BF16 void dequantize_row_avx512_bf16(const int32_t* acc, const int32_t* comp, int64_t N, float sx,
-                                                   const float* sw, const float* bias, c10::BFloat16* out) {
+RMT_AVX512_BW_BF16 void dequantize_row_avx512_bf16(const int32_t* acc, const int32_t* comp, int32_t comp_mul,
+                                                   int64_t N, float sx, const float* sw, const float* bias,
+                                                   c10::BFloat16* out) {
   const __m512 vsx = _mm512_set1_ps(sx);
   for (int64_t n = 0; n < N; n += 16) {
     const __mmask16 m = tail_mask(std::min<int64_t>(16, N - n));
-    const __m256i h =
-        (__m256i)_mm512_cvtneps_pbh(dequantize16<kAct>(acc + n, comp ? comp + n : nullptr, sw + n, bias + n, vsx, m));
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(
+        dequantize16<kAct>(acc + n, comp ? comp + n : nullptr, comp_mul, sw + n, bias + n, vsx, m));
     _mm256_mask_storeu_epi16(out + n, m, h);
   }
 }
@@ -191,29 +247,31 @@ RMT_AVX512_BW_BF16 void dequantize_row_avx512_bf16(const int32_t* acc, const int
 
 // --- dispatch ------------------------------------------------------------------------------------
 
-// out[n] = act(fma(float(acc[n] - comp[n]) * sx, sw[n], bias[n])) (comp may be null: zeros).
+// out[n] = act(fma(float(acc[n] - comp_mul * comp[n]) * sx, sw[n], bias[n])) (comp may be null: zeros).
+// comp_mul is 1 for the symmetric kernels' +128 correction (comp = 128 x column sums), the row's zero
+// point for asymmetric activations (comp = the column sums); the integers are exact in int32.
 template <Act kAct, typename T>
-void dequantize_row(bool avx, bool native_bf16, const int32_t* acc, const int32_t* comp, int64_t N, float sx,
-                    const float* sw, const float* bias, T* out) {
+void dequantize_row(bool avx, bool native_bf16, const int32_t* acc, const int32_t* comp, int32_t comp_mul, int64_t N,
+                    float sx, const float* sw, const float* bias, T* out) {
 #ifdef RMT_FAST_X86
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (native_bf16) return dequantize_row_avx512_bf16<kAct>(acc, comp, N, sx, sw, bias, out);
+    if (native_bf16) return dequantize_row_avx512_bf16<kAct>(acc, comp, comp_mul, N, sx, sw, bias, out);
   }
-  if (avx) return dequantize_row_avx512<kAct>(acc, comp, N, sx, sw, bias, out);
+  if (avx) return dequantize_row_avx512<kAct>(acc, comp, comp_mul, N, sx, sw, bias, out);
 #endif
-  dequantize_row_scalar(acc, comp, N, sx, sw, bias, kAct, out);
+  dequantize_row_scalar(acc, comp, comp_mul, N, sx, sw, bias, kAct, out);
 }
 
 template <typename T>
-void dequantize_row_act(Act act, bool avx, bool native_bf16, const int32_t* acc, const int32_t* comp, int64_t N,
-                        float sx, const float* sw, const float* bias, T* out) {
+void dequantize_row_act(Act act, bool avx, bool native_bf16, const int32_t* acc, const int32_t* comp,
+                        int32_t comp_mul, int64_t N, float sx, const float* sw, const float* bias, T* out) {
   switch (act) {
     case Act::kGelu:
-      return dequantize_row<Act::kGelu>(avx, native_bf16, acc, comp, N, sx, sw, bias, out);
+      return dequantize_row<Act::kGelu>(avx, native_bf16, acc, comp, comp_mul, N, sx, sw, bias, out);
     case Act::kRelu:
-      return dequantize_row<Act::kRelu>(avx, native_bf16, acc, comp, N, sx, sw, bias, out);
+      return dequantize_row<Act::kRelu>(avx, native_bf16, acc, comp, comp_mul, N, sx, sw, bias, out);
     default:
-      return dequantize_row<Act::kNone>(avx, native_bf16, acc, comp, N, sx, sw, bias, out);
+      return dequantize_row<Act::kNone>(avx, native_bf16, acc, comp, comp_mul, N, sx, sw, bias, out);
   }
 }
 
@@ -223,6 +281,14 @@ void quantize_row(bool avx, const T* x, int64_t K, Q* q, float* scale) {
   if (avx) return quantize_row_avx512(x, K, q, scale);
 #endif
   quantize_row_scalar(x, K, q, scale);
+}
+
+template <typename T, typename Q>
+void quantize_row_asym(bool avx, const T* x, int64_t K, Q* q, float* scale, int32_t* zero) {
+#ifdef RMT_FAST_X86
+  if (avx) return quantize_row_asym_avx512(x, K, q, scale, zero);
+#endif
+  quantize_row_asym_scalar(x, K, q, scale, zero);
 }
 
 inline Act parse_act(const char* op, const std::string& a) {

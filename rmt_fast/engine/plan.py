@@ -82,7 +82,7 @@ class InferencePlan:
             raise ValueError(f"packed_weights=True is not possible here: {why_not}")
         self.packed_weights = why_not is None if packed_weights is None else bool(packed_weights)
         self.packed_weights_status = "on (oneDNN)" if self.packed_weights else f"off: {why_not or 'turned off'}"
-        self.quantize, self.quantize_status = quantize, check_quantize(quantize, device)   # raises where it cannot run
+        self.quantize, self.quantize_status = quantize, check_quantize(quantize, device, dtype)   # raises where it cannot run
 
         def f32(t):
             return t.detach().to(device=device, dtype=torch.float32).contiguous()

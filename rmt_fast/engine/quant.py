@@ -2,11 +2,12 @@
 
 - Weights are quantized once, when the plan is built: symmetric, one scale per output channel
   (``w ~ scale_w[n] * q_w[n, k]``, ``q_w`` in [-127, 127]).
-- Activations are quantized at run time, symmetric, one scale per token (row):
-  ``x ~ scale_x[r] * q_x[r, k]``.
-- ``y[r, n] = scale_x[r] * scale_w[n] * sum_k q_x[r, k] q_w[n, k] + bias[n]``: the sum is exact (int32),
-  the rest in float32, rounded once to the plan's dtype at the end (after the activation, as the bf16
-  path's fused GELU does).
+- Activations are quantized at run time, one scale per token (row): symmetric in bfloat16 plans,
+  ``x ~ scale_x[r] * q_x[r, k]``, and asymmetric in float32 plans, ``x ~ scale_x[r] * (q_x[r, k] - z[r])``
+  with 256 levels between the row's min(x, 0) and max(x, 0) (``activation_scheme``; measured, docs/PERF.md).
+- ``y[r, n] = scale_x[r] * scale_w[n] * (sum_k q_x[r, k] q_w[n, k] - z[r] * sum_k q_w[n, k]) + bias[n]``:
+  the sums are exact (int32), the rest in float32, rounded once to the plan's dtype at the end (after the
+  activation, as the bf16 path's fused GELU does).
 - Two kernels give the same bits (``INT8_KERNELS``; docs/ARCHITECTURE.md, "int8"): ``vnni``, oneDNN's
   u8 x s8 micro-kernel on a weight packed once (``pack_vnni``), each output tile dequantized in cache
   (csrc/cpu/int8_vnni.cpp), where ``vnni_problem()`` finds it runs; else ``int_mm``, ``torch._int_mm``
@@ -41,6 +42,10 @@ INT8_KERNELS = ("vnni", "int_mm")
 # else "int_mm"; benchmarks/bench_int8.py sets it to compare the two.
 KERNEL: Optional[str] = None
 QUANTIZE_MODES = (None, "int8")
+ACTIVATION_SCHEMES = ("symmetric", "asymmetric")
+# How activations are quantized: None picks by the plan's dtype (activation_scheme); benchmarks/bench_int8.py
+# sets it to measure the other scheme.
+ACTIVATIONS: Optional[str] = None
 # GEMMs of the last layer that stay in the plan's dtype (they compute [CLS] and the memory rows only);
 # benchmarks/bench_int8.py empties it to measure the drift of int8 there.
 LAST_LAYER_KEPT = ("q", "out", "ffn_in", "ffn_out")
@@ -144,8 +149,8 @@ def int8_available(device: torch.device) -> Optional[str]:
     return _int_mm_problem()
 
 
-def check_quantize(quantize: Optional[str], device: torch.device) -> Optional[str]:
-    """Validate ``quantize``; raise where int8 cannot run. Returns the plan's status line."""
+def check_quantize(quantize: Optional[str], device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Validate ``quantize``; raise where int8 cannot run. Returns the status line of a plan of ``dtype``."""
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize={quantize!r} is not supported; choose None or 'int8'")
     if quantize is None:
@@ -156,15 +161,26 @@ def check_quantize(quantize: Optional[str], device: torch.device) -> Optional[st
     isa = cpu_int8_isa()
     passes = ("fused quantize/dequantize kernels" if _ext.int8_kernels_compiled() else
               "quantize/dequantize as torch ops: rmt_fast._C is not built, slower")
+    rest = f"{activation_scheme(dtype)} per-token activations; {str(dtype).replace('torch.', '')} attention"
     if isa is None:
         return ("int8 (torch._int_mm; this CPU has no VNNI/AMX int8 instructions: oneDNN's slower int8 "
-                f"path, likely slower than bfloat16; {passes}; bf16 attention)")
+                f"path, likely slower than bfloat16; {passes}; {rest})")
     if vnni_problem() is not None:
-        return f"int8 (torch._int_mm, {isa}; {passes}; bf16 attention: {vnni_problem()})"
+        return f"int8 (torch._int_mm, {isa}; {passes}; {rest}: {vnni_problem()})"
     gemm = ("oneDNN's u8 x s8 micro-kernel, dequantized in its tiles" if (KERNEL or "vnni") == "vnni" else
             f"torch._int_mm, {passes}")
-    attention = "int8 attention but in the last layer" if INT8_ATTENTION else "bf16 attention"
-    return f"int8 ({isa}; {gemm}; {attention})"
+    if INT8_ATTENTION:
+        rest += ", int8 but in the last layer"
+    return f"int8 ({isa}; {gemm}; {rest})"
+
+
+def activation_scheme(dtype: torch.dtype) -> str:
+    """How a plan of ``dtype`` quantizes activations. Asymmetric in float32 plans: with float32 everywhere
+    else it kept every label of 100 documents at 1,024 segments where symmetric flipped one (max logit gap
+    0.010 against 13.3); in bf16 plans it did not help (bf16's own rounding dominates; docs/PERF.md)."""
+    if ACTIVATIONS is not None:
+        return ACTIVATIONS
+    return "asymmetric" if dtype == torch.float32 else "symmetric"
 
 
 def int8_gemm(name: str, last_layer: bool) -> bool:
@@ -187,8 +203,12 @@ class Int8Linear:
     quantized = True
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, act: Optional[str] = None,
-                 out_dtype: torch.dtype = torch.bfloat16, kernel: Optional[str] = None):
+                 out_dtype: torch.dtype = torch.bfloat16, kernel: Optional[str] = None,
+                 activations: str = "symmetric"):
         self.out_features, self.in_features = weight.shape
+        if activations not in ACTIVATION_SCHEMES:
+            raise ValueError(f"activations {activations!r} is not one of {ACTIVATION_SCHEMES}")
+        self.activations = activations
         q, self.weight_scale = quantize_weight(weight)                          # [N, K] int8, [N] f32
         self.kernel = kernel or KERNEL or ("vnni" if vnni_problem() is None else "int_mm")
         if self.kernel not in INT8_KERNELS:
@@ -197,6 +217,8 @@ class Int8Linear:
             self.packed, self.comp = pack_vnni(q.t())                           # [Np/64, Kp/4, 64, 4], [N]
         else:
             self._qweight_t = q.t()                                             # [K, N] view
+        # the weight's column sums, [N] int32: the zero-point correction of asymmetric rows
+        self.col_sum = q.sum(1, dtype=torch.int32) if activations == "asymmetric" else None
         self.bias = bias.detach().float().contiguous()                          # [N] float32
         self.out_dtype = out_dtype
         # activations the dequantize kernel applies itself (HF "gelu" is the exact, erf GELU); any
@@ -229,10 +251,13 @@ class Int8Linear:
         # took 2.3x the CPU time of 8 single segments, docs/PERF.md); at most ROW_BLOCK rows, fewer
         # where that leaves a thread without a block.
         block = min(ROW_BLOCK, max(16, -(-rows.shape[0] // torch.get_num_threads())))
+        asym = self.col_sum is not None
         if self._act is None and self.kernel == "vnni":   # one op, the dequantize in the GEMM's tiles
-            _ext.int8_linear_vnni(rows, self.packed, self.comp, self.weight_scale, self.bias, self._fused, block, out)
+            _ext.int8_linear_vnni(rows, self.packed, self.comp, self.weight_scale, self.bias, self._fused, block, out,
+                                  asym)
         elif self._act is None:              # one op: quantize, GEMM, dequantize + activation + cast
-            _ext.int8_linear(rows, self.qweight_t, self.weight_scale, self.bias, self._fused, block, out)
+            _ext.int8_linear(rows, self.qweight_t, self.weight_scale, self.bias, self._fused, block, out,
+                             self.col_sum)
         else:
             for r in range(0, rows.shape[0], block):
                 self._block(rows[r:r + block], out[r:r + block])
@@ -240,10 +265,14 @@ class Int8Linear:
 
     def _block(self, rows: torch.Tensor, out: torch.Tensor) -> None:
         """rows: [R, K] -> out [R, N] (``out_dtype``, written in place), an activation the kernel lacks."""
-        qx, sx = quantize_rows(rows)                                             # [R, K], [R, 1]
+        zero = None
+        if self.col_sum is None:
+            qx, sx = quantize_rows(rows)                                         # [R, K], [R, 1]
+        else:
+            qx, sx, zero = _ext.int8_quantize_rows_asym(rows)                     # [R, K], [R, 1], [R, 1]
         acc = torch._int_mm(qx, self.qweight_t)                                 # [R, N] int32
         y = _ext.int8_dequantize(acc, sx, self.weight_scale, self.bias, "none",
-                                 torch.empty(out.shape, dtype=torch.float32))    # [R, N] float32
+                                 torch.empty(out.shape, dtype=torch.float32), zero, self.col_sum)  # [R, N] f32
         out.copy_(self._act(y))
 
 
@@ -254,7 +283,7 @@ def make_linear(quantize: Optional[str], name: str, last_layer: bool, weight: to
                 act: Optional[str], pack: bool, dtype: torch.dtype):
     """The plan's linear layer ``name``: an Int8Linear where ``quantize`` and ``int8_gemm`` say so."""
     if quantize == "int8" and int8_gemm(name, last_layer):
-        return Int8Linear(weight, bias, act, out_dtype=dtype)
+        return Int8Linear(weight, bias, act, out_dtype=dtype, activations=activation_scheme(dtype))
     return Linear(weight, bias, act=act, pack=pack)
 
 
