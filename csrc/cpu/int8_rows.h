@@ -149,17 +149,27 @@ RMT_AVX512_BW void quantize_row_avx512(const T* x, int64_t K, Q* q, float* scale
 
 template <typename T, typename Q>
 RMT_AVX512_BW void quantize_row_asym_avx512(const T* x, int64_t K, Q* q, float* scale, int32_t* zero) {
-  __m512 lo = _mm512_setzero_ps(), hi = lo;  // from 0: the range holds 0 (masked lanes load 0)
-  for (int64_t k = 0; k < K; k += 16) {
-    const __m512 v = load16(x + k, tail_mask(std::min<int64_t>(16, K - k)));
-    lo = _mm512_min_ps(lo, v);
-    hi = _mm512_max_ps(hi, v);
+  // from 0: the range holds 0 (masked lanes load 0); two chains each, as quantize_row_avx512
+  __m512 lo0 = _mm512_setzero_ps(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    const __m512 v0 = load16(x + k, 0xffff), v1 = load16(x + k + 16, 0xffff);
+    lo0 = _mm512_min_ps(lo0, v0);
+    hi0 = _mm512_max_ps(hi0, v0);
+    lo1 = _mm512_min_ps(lo1, v1);
+    hi1 = _mm512_max_ps(hi1, v1);
   }
-  const float l = _mm512_reduce_min_ps(lo), s = asym_scale(l, _mm512_reduce_max_ps(hi));
+  for (; k < K; k += 16) {
+    const __m512 v = load16(x + k, tail_mask(std::min<int64_t>(16, K - k)));
+    lo0 = _mm512_min_ps(lo0, v);
+    hi0 = _mm512_max_ps(hi0, v);
+  }
+  const float l = _mm512_reduce_min_ps(_mm512_min_ps(lo0, lo1));
+  const float s = asym_scale(l, _mm512_reduce_max_ps(_mm512_max_ps(hi0, hi1)));
   const int32_t z = asym_zero(l, s);
   const __m512 vs = _mm512_set1_ps(s);
   const __m512i vz = _mm512_set1_epi32(z), v0 = _mm512_setzero_si512(), v255 = _mm512_set1_epi32(255);
-  for (int64_t k = 0; k < K; k += 16) {
+  for (k = 0; k < K; k += 16) {
     const __mmask16 m = tail_mask(std::min<int64_t>(16, K - k));
     const __m512 v = _mm512_div_ps(load16(x + k, m), vs);  // a true division, as the scalar code
     __m512i u = _mm512_add_epi32(_mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vz);
