@@ -12,7 +12,8 @@ Engine reads the first segment alone (float32) and keeps the memory [M, H]. Then
   binding: one 6-way probe per direction D, fit on the samples where D is a fact's direction: which place
            is D of B? A memory holding the two places but not the pairing sits near 50% (a coin between
            A1 and A2); one holding the pairing near 100%.
-Probes are fit on one set of samples and scored on another (seeded).
+Probes are fit on one set of samples (train split) and scored on another (validation split), beside the
+model's own answers on those samples (both segments), by question form.
     python scripts/memory_probe.py /work/runs/m6d/stages/12/best --train 3000 --test 600
 """
 from __future__ import annotations
@@ -29,11 +30,12 @@ from rmt_fast import tasks as T
 FACT = re.compile(r"The (\w+) is (\w+) of the (\w+)\.")
 
 
-def memories(model, tokenizer, n: int, seed: int, split: str):
-    """(memory [n, M*H] float32, places [n, 2], directions [n, 2]) of n samples with both facts in segment 1."""
+def memories(model, tokenizer, n: int, seed: int, split: str, answers: bool = False):
+    """(memory [n, M*H] float32, places [n, 2], directions [n, 2]) of n samples with both facts in segment 1;
+    with answers, also each sample's (model's label on the whole sample == its label, question form)."""
     gen = T.TaskGenerator("reasoning", tokenizer, model.config, split=split, seed=seed)
     S = model.config.segment_size
-    docs, places, dirs, i = [], [], [], 0
+    docs, places, dirs, kept, i = [], [], [], [], 0
     while len(docs) < n:
         s = gen.sample(2, i)
         i += 1
@@ -41,11 +43,17 @@ def memories(model, tokenizer, n: int, seed: int, split: str):
             continue
         pairs = [FACT.fullmatch(f).groups() for f in s.facts]
         docs.append(s.input_ids[:S])
+        kept.append(s)
         places.append([T.PLACES.index(a) for a, _, _ in pairs])
         dirs.append([T.DIRECTIONS.index(d) for _, d, _ in pairs])
     states = Engine(model, dtype="float32").read_many(docs, batch_size=64)
     mem = torch.stack([st.memory.float().flatten() for st in states])                # [n, M*H]
-    return mem, torch.tensor(places), torch.tensor(dirs)
+    if not answers:
+        return mem, torch.tensor(places), torch.tensor(dirs)
+    logits = Engine(model, dtype="float32").classify([s.input_ids for s in kept], batch_size=64)
+    right = logits.argmax(1) == torch.tensor([s.label for s in kept])
+    forms = ["opposite" if s.question.startswith("What is the") else "direct" for s in kept]
+    return mem, torch.tensor(places), torch.tensor(dirs), right, forms
 
 
 def fit(x, y, classes: int, steps: int = 300, wd: float = 1e-3):
@@ -103,7 +111,7 @@ def main(argv=None) -> int:
     model = RMTForSequenceClassification.from_pretrained(args.model)
     tokenizer = T.load_tokenizer(args.model)
     xtr, ptr, dtr = memories(model, tokenizer, args.train, args.seed, "train")
-    xte, pte, dte = memories(model, tokenizer, args.test, args.seed + 1, "validation")
+    xte, pte, dte, right, forms = memories(model, tokenizer, args.test, args.seed + 1, "validation", answers=True)
     M = model.config.num_mem_tokens
     print(f"{args.model}: memory {M} x {xtr.shape[1] // M}, {len(xtr)} probe-training / {len(xte)} test samples")
     r = probes(xtr, ptr, dtr, xte, pte, dte)
@@ -111,6 +119,10 @@ def main(argv=None) -> int:
           + ", ".join(f"{n} {a:.0%}" for n, a in zip(T.PLACES, r["places"])))
     print("binding (which place is D of B; 50% = a coin between the two places): "
           + ", ".join(f"{n} {a:.0%} ({m})" for n, (a, m) in zip(T.DIRECTIONS, r["binding"])))
+    by_form = {f: right[[g == f for g in forms]] for f in ("direct", "opposite")}
+    print("the model's own answers on the same test samples (both segments): "
+          + ", ".join(f"{f} question {v.float().mean():.0%} ({len(v)})" for f, v in by_form.items())
+          + f"; all {right.float().mean():.0%}")
     return 0
 
 

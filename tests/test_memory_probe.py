@@ -34,6 +34,9 @@ def test_memories_are_of_samples_with_both_facts_in_the_first_segment():
         assert [f"The {T.PLACES[a]} is {T.DIRECTIONS[b]} of the" for a, b in zip(p, d)] == \
             [f.rsplit(" ", 1)[0] for f in s.facts]
     assert not torch.equal(mem[0], mem[1])                       # each sample's own memory
+    mem2, _, _, right, forms = script.memories(model.eval(), tok, 9, seed=2, split="validation", answers=True)
+    assert torch.equal(mem2, mem) and right.shape == (9,) and right.dtype == torch.bool
+    assert forms == ["opposite" if s.question.startswith("What is the") else "direct" for s in kept]
 
 
 def test_probes_find_a_planted_binding_and_not_a_missing_one():
