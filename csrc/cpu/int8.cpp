@@ -36,48 +36,46 @@ namespace {
 
 using namespace int8_rows;
 
-std::tuple<at::Tensor, at::Tensor> int8_quantize_rows_cpu(const at::Tensor& x) {
-  const char* op = "int8_quantize_rows";
-  check_rows(op, "x", x);
+// Quantize the rows of x into q [R, K] int8, scale [R, 1] and, where zero is defined, the zero points
+// [R, 1] (asymmetric: q = u - 128, zero = z - 128); one parallel pass.
+void quantize_rows_into(const char* op, const at::Tensor& x, at::Tensor& q, at::Tensor& scale, at::Tensor* zero) {
   const int64_t R = x.size(0), K = x.size(1), ld = x.stride(0);
-  at::Tensor q = at::empty({R, K}, x.options().dtype(at::kChar));
-  at::Tensor scale = at::empty({R, 1}, x.options().dtype(at::kFloat));
-  if (R == 0) return {q, scale};
+  if (R == 0) return;
   int8_t* qd = q.data_ptr<int8_t>();
   float* sd = scale.data_ptr<float>();
+  int32_t* zd = zero ? zero->data_ptr<int32_t>() : nullptr;
   const bool avx = cpu_has_avx512();
-  dispatch_float<false>(x.scalar_type(), "rmt_fast::int8_quantize_rows: x", [&](auto zero) {
-    using T = decltype(zero);
-    const T* xd = x.const_data_ptr<T>();
-    at::parallel_for(0, R, grain_rows(K), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) quantize_row(avx, xd + r * ld, K, qd + r * K, sd + r);
-    });
-  });
-  return {q, scale};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_quantize_rows_asym_cpu(const at::Tensor& x) {
-  const char* op = "int8_quantize_rows_asym";
-  check_rows(op, "x", x);
-  const int64_t R = x.size(0), K = x.size(1), ld = x.stride(0);
-  at::Tensor q = at::empty({R, K}, x.options().dtype(at::kChar));
-  at::Tensor scale = at::empty({R, 1}, x.options().dtype(at::kFloat));
-  at::Tensor zero = at::empty({R, 1}, x.options().dtype(at::kInt));
-  if (R == 0) return {q, scale, zero};
-  int8_t* qd = q.data_ptr<int8_t>();
-  float* sd = scale.data_ptr<float>();
-  int32_t* zd = zero.data_ptr<int32_t>();
-  const bool avx = cpu_has_avx512();
-  dispatch_float<false>(x.scalar_type(), "rmt_fast::int8_quantize_rows_asym: x", [&](auto zero_value) {
+  const std::string what = std::string("rmt_fast::") + op + ": x";
+  dispatch_float<false>(x.scalar_type(), what.c_str(), [&](auto zero_value) {
     using T = decltype(zero_value);
     const T* xd = x.const_data_ptr<T>();
     at::parallel_for(0, R, grain_rows(K), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        quantize_row_asym(avx, xd + r * ld, K, qd + r * K, sd + r, zd + r);
-        zd[r] -= 128;  // q holds u - 128
+        if (zd) {
+          quantize_row_asym(avx, xd + r * ld, K, qd + r * K, sd + r, zd + r);
+          zd[r] -= 128;  // q holds u - 128
+        } else {
+          quantize_row(avx, xd + r * ld, K, qd + r * K, sd + r);
+        }
       }
     });
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> int8_quantize_rows_cpu(const at::Tensor& x) {
+  check_rows("int8_quantize_rows", "x", x);
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({x.size(0), 1}, x.options().dtype(at::kFloat));
+  quantize_rows_into("int8_quantize_rows", x, q, scale, nullptr);
+  return {q, scale};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_quantize_rows_asym_cpu(const at::Tensor& x) {
+  check_rows("int8_quantize_rows_asym", "x", x);
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({x.size(0), 1}, x.options().dtype(at::kFloat));
+  at::Tensor zero = at::empty({x.size(0), 1}, x.options().dtype(at::kInt));
+  quantize_rows_into("int8_quantize_rows_asym", x, q, scale, &zero);
   return {q, scale, zero};
 }
 
