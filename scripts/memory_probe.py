@@ -15,6 +15,8 @@ Engine reads the first segment alone (float32) and keeps the memory [M, H]. Then
 Probes are fit on one set of samples (train split) and scored on another (validation split), beside the
 model's own answers on those samples (both segments), by question form.
     python scripts/memory_probe.py /work/runs/m6d/stages/12/best --train 3000 --test 600
+    python scripts/memory_probe.py MODEL --features mean     # the tokens' mean (order-free); also max, each
+(--features each fits the probes on every memory token alone and prints the three best tokens' binding.)
 """
 from __future__ import annotations
 
@@ -106,6 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--train", type=int, default=3000)
     p.add_argument("--test", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--features", choices=("concat", "mean", "max", "each"), default="concat",
+                   help="the probes' input: all memory tokens side by side, their mean, their max, or each alone")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     model = RMTForSequenceClassification.from_pretrained(args.model)
@@ -113,8 +117,20 @@ def main(argv=None) -> int:
     xtr, ptr, dtr = memories(model, tokenizer, args.train, args.seed, "train")
     xte, pte, dte, right, forms = memories(model, tokenizer, args.test, args.seed + 1, "validation", answers=True)
     M = model.config.num_mem_tokens
-    print(f"{args.model}: memory {M} x {xtr.shape[1] // M}, {len(xtr)} probe-training / {len(xte)} test samples")
-    r = probes(xtr, ptr, dtr, xte, pte, dte)
+    H = xtr.shape[1] // M
+    print(f"{args.model}: memory {M} x {H}, {len(xtr)} probe-training / {len(xte)} test samples, "
+          f"features: {args.features}")
+    if args.features == "each":
+        scores = []
+        for m in range(M):
+            r = probes(xtr.view(-1, M, H)[:, m], ptr, dtr, xte.view(-1, M, H)[:, m], pte, dte)
+            scores.append((sum(a for a, _ in r["binding"]) / len(r["binding"]), m))
+        print("binding from one memory token alone (mean over directions), the best three: "
+              + ", ".join(f"token {m} {a:.0%}" for a, m in sorted(scores)[::-1][:3]))
+        return 0
+    pool = {"concat": lambda x: x, "mean": lambda x: x.view(-1, M, H).mean(1),
+            "max": lambda x: x.view(-1, M, H).amax(1)}[args.features]
+    r = probes(pool(xtr), ptr, dtr, pool(xte), pte, dte)
     print("places (is P one of the two facts' places; balanced accuracy, chance 50%): "
           + ", ".join(f"{n} {a:.0%}" for n, a in zip(T.PLACES, r["places"])))
     print("binding (which place is D of B; 50% = a coin between the two places): "
