@@ -214,6 +214,8 @@ def test_cli_quantize_flag(shipped, tmp_path, capsys, monkeypatch):
                                                   "--out", str(tmp_path / "bench")]):
         calls.clear()
         assert main([*command, "--dtype", "bfloat16", "--quantize", "int8"]) == 0 and calls, command
+        if command[0] == "demo":                               # the summary line says int8 ran
+            assert "torch.bfloat16 + int8 GEMMs" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["classify", "--model", str(DEFAULT_MODEL), "--input", str(path), "--quantize", "int4"])
     assert "--quantize: invalid choice: 'int4'" in capsys.readouterr().err
