@@ -61,9 +61,9 @@ INT8_SCHEMAS = {
     "int8_linear": "int8_linear(Tensor x, Tensor qweight_t, Tensor weight_scale, Tensor bias, str activation, "
                    "int row_block, Tensor(a!) out, Tensor? col_sum=None) -> ()",
     # the same as int8_linear on oneDNN's u8 x s8 micro-kernel: packed [Np/64, Kp/4, 64, 4] int8 (quant.pack_vnni),
-    # comp [N] int32 = 128 * the weight's column sums (csrc/cpu/int8_vnni.cpp)
+    # comp [N] int32 = 128 * the weight's column sums (csrc/cpu/int8_vnni.cpp); asymmetric rows where col_sum is given
     "int8_linear_vnni": "int8_linear_vnni(Tensor x, Tensor packed, Tensor comp, Tensor weight_scale, Tensor bias, "
-                        "str activation, int row_block, Tensor(a!) out, bool asymmetric=False) -> ()",
+                        "str activation, int row_block, Tensor(a!) out, Tensor? col_sum=None) -> ()",
     # attention with int8 q, k, v and uint8 probabilities on the same micro-kernel (csrc/cpu/attention_int8.cpp)
     "attention_int8": "attention_int8(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale) -> Tensor",
 }
@@ -268,10 +268,10 @@ def int8_linear(x, qweight_t, weight_scale, bias, activation, row_block, out, co
     return out
 
 
-def int8_linear_vnni(x, packed, comp, weight_scale, bias, activation, row_block, out, asymmetric=False):
+def int8_linear_vnni(x, packed, comp, weight_scale, bias, activation, row_block, out, col_sum=None):
     """torch.ops.rmt_fast.int8_linear_vnni (semantics: int8_linear_vnni_torch); returns out."""
     torch.ops.rmt_fast.int8_linear_vnni(x, packed, comp, weight_scale, bias, activation, int(row_block), out,
-                                        bool(asymmetric))
+                                        col_sum)
     return out
 
 

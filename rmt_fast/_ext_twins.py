@@ -251,11 +251,11 @@ def int8_linear_torch(x, qweight_t, weight_scale, bias, activation, row_block, o
                               out[r:r + row_block], zero, col_sum)
 
 
-def int8_linear_vnni_torch(x, packed, comp, weight_scale, bias, activation, row_block, out, asymmetric=False):
+def int8_linear_vnni_torch(x, packed, comp, weight_scale, bias, activation, row_block, out, col_sum=None):
     """int8_linear with the weight in the micro-kernel's layout: packed [Np/64, Kp/4, 64, 4] int8 holds
     w [K, N] (packed[n // 64, k // 4, n % 64, k % 4] = w[k, n], zeros in the padding to Kp = K rounded
     up to 4 and Np = N rounded up to 64), comp [N] int32 = 128 * w.sum(0) (the kernel's zero-point
-    correction); asymmetric rows as int8_linear's with col_sum = comp / 128. Returns None."""
+    correction); asymmetric rows where col_sum is given, as int8_linear's. Returns None."""
     op = "int8_linear_vnni"
     K, N = x.shape[1], out.shape[1]
     want = (-(-N // 64), -(-K // 4), 64, 4)
@@ -265,8 +265,7 @@ def int8_linear_vnni_torch(x, packed, comp, weight_scale, bias, activation, row_
     if comp.dtype != torch.int32 or tuple(comp.shape) != (N,):
         _fail(op, f"comp must be int32, of shape (N) = [{N}], got {comp.dtype} of shape {list(comp.shape)}")
     w = packed.permute(1, 3, 0, 2).reshape(want[1] * 4, want[0] * 64)[:K, :N]       # [K, N] int8
-    int8_linear_torch(x, w, weight_scale, bias, activation, row_block, out,
-                      torch.div(comp, 128, rounding_mode="floor") if asymmetric else None)
+    int8_linear_torch(x, w, weight_scale, bias, activation, row_block, out, col_sum)
 
 
 _LOG2_255 = torch.tensor(7.99435343685885793, dtype=torch.float32)

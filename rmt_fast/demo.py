@@ -56,7 +56,7 @@ def run(args) -> int:
     print(f"answer: {names[k]} (p={float(probs[k]):.3f})   truth: {sample.answer}   -> {verdict}")
     print(f"{n_segments:,} segments in {seconds:.1f} s ({n_segments / seconds:,.0f} segments/s, "
           f"{sample.input_ids.numel() / seconds:,.0f} tokens/s) on {engine.device}, {engine.dtype}"
-          + (f" + {engine.plan.quantize} GEMMs" if getattr(engine.plan, "quantize", None) else ""))
+          + (f" + {engine.plan.quantize} GEMMs" if engine.plan.quantize else ""))
     return 0
 
 

@@ -162,10 +162,10 @@ def test_vnni_asymmetric_bit_equal_to_int8_linear(activation, R, K, N, dtype):
         want = torch.empty(R, N, dtype=dtype)
         torch.ops.rmt_fast.int8_linear(x, q.t(), sw, bias, activation, row_block, want, col_sum)
         got = torch.full((R, N), float("nan"), dtype=dtype)
-        torch.ops.rmt_fast.int8_linear_vnni(x, packed, comp, sw, bias, activation, row_block, got, True)
+        torch.ops.rmt_fast.int8_linear_vnni(x, packed, comp, sw, bias, activation, row_block, got, col_sum)
         assert torch.equal(got, want), row_block
         twin = torch.full((R, N), float("nan"), dtype=dtype)
-        _ext.int8_linear_vnni_torch(x, packed, comp, sw, bias, activation, row_block, twin, True)
+        _ext.int8_linear_vnni_torch(x, packed, comp, sw, bias, activation, row_block, twin, col_sum)
         assert (twin.double() - want.double()).abs().max() <= 1e-5 * (1 + want.double().abs().max())
 
 

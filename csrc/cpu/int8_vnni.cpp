@@ -8,10 +8,10 @@
 // so acc - comp = sum_k q[r, k] * w[k, n] exactly: the same integers, scales and rounding as
 // int8_linear (torch._int_mm between the two passes), bit for bit. The micro-kernel multiplies
 // unsigned by signed bytes (vpdpbusd), hence the zero point 128 on the activations and the column
-// sums, computed once when the weight is packed. With asymmetric=true the rows are quantized
-// asymmetrically (int8_quantize_rows_asym: u in [0, 255] and a zero point z per row, the micro-kernel's
-// unsigned operand as it is) and the correction is z * the column sums (comp / 128, exact):
-// out = act(fma(float(acc - z[r] * comp[n] / 128) * sx[r], ...)), the integers of int8_linear with col_sum.
+// sums, computed once when the weight is packed. With col_sum (the weight's column sums, [N] int32) the
+// rows are quantized asymmetrically (int8_quantize_rows_asym: u in [0, 255] and a zero point z per row,
+// the micro-kernel's unsigned operand as it is) and the correction is z * col_sum:
+// out = act(fma(float(acc - z[r] * col_sum[n]) * sx[r], ...)), the integers of int8_linear with col_sum.
 //
 // Why a tiled loop and not int8_linear's torch._int_mm per 256-row block: _int_mm writes a block's
 // int32 sums (256 x N, 3 MB for the FFN) to memory and the dequantize reads them back; here each
@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -45,7 +46,7 @@ constexpr int64_t kTileN = 64;  // output columns per micro-kernel call (a [rows
 
 void int8_linear_vnni_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& comp,
                           const at::Tensor& weight_scale, const at::Tensor& bias, c10::string_view activation,
-                          int64_t row_block, at::Tensor& out, bool asymmetric) {
+                          int64_t row_block, at::Tensor& out, const std::optional<at::Tensor>& col_sum) {
   const char* op = "int8_linear_vnni";
   check_rows(op, "x", x);
   check_rows(op, "out", out);
@@ -60,6 +61,7 @@ void int8_linear_vnni_cpu(const at::Tensor& x, const at::Tensor& packed, const a
               packed.sizes(), " but x has K = ", K, " and out N = ", N, " columns: want (", div_up(N, kTileN),
               ", ", round_up(K, 4) / 4, ", 64, 4)");
   check_vector(op, "comp", comp, N, at::kInt, "int32");
+  if (col_sum) check_vector(op, "col_sum", *col_sum, N, at::kInt, "int32");
   check_vector(op, "weight_scale", weight_scale, N, at::kFloat, "float32");
   check_vector(op, "bias", bias, N, at::kFloat, "float32");
   TORCH_CHECK(row_block >= 1, "rmt_fast::", op, ": row_block must be >= 1, got ", row_block);
@@ -73,6 +75,7 @@ void int8_linear_vnni_cpu(const at::Tensor& x, const at::Tensor& packed, const a
   const int64_t groups = blocks >= threads ? 1 : std::min(div_up(threads, blocks), tiles);
   const int8_t* wd = packed.const_data_ptr<int8_t>();
   const int32_t* cd = comp.const_data_ptr<int32_t>();
+  const int32_t* cs = col_sum ? col_sum->const_data_ptr<int32_t>() : nullptr;  // asymmetric rows
   const float* sw = weight_scale.const_data_ptr<float>();
   const float* bd = bias.const_data_ptr<float>();
   const int64_t ldx = x.stride(0), ldo = out.stride(0);
@@ -87,21 +90,16 @@ void int8_linear_vnni_cpu(const at::Tensor& x, const at::Tensor& packed, const a
         const int64_t rb_max = std::min(row_block, R);
         ScratchCarver carve{thread_scratch<0>(scratch_round(rb_max * Kp) + scratch_round(rb_max * sizeof(float)) +
                                               scratch_round(rb_max * kTileN * sizeof(int32_t)) +
-                                              scratch_round(rb_max * sizeof(int32_t)) +
-                                              scratch_round(N * sizeof(int32_t)))};
+                                              scratch_round(rb_max * sizeof(int32_t)))};
         uint8_t* a = carve.take<uint8_t>(rb_max * Kp);  // rows q + 128 (or u); K..Kp any: the weight's pad rows are 0
         float* sx = carve.take<float>(rb_max);
         int32_t* tile = carve.take<int32_t>(rb_max * kTileN);
         int32_t* zero = carve.take<int32_t>(rb_max);      // asymmetric: each row's zero point
-        int32_t* col_sum = carve.take<int32_t>(N);        // asymmetric: comp / 128
-        if (asymmetric) {
-          for (int64_t n = 0; n < N; ++n) col_sum[n] = cd[n] / 128;  // exact: comp = 128 x the sums
-        }
         for (int64_t item = begin; item < end; ++item) {
           const int64_t r0 = (item / groups) * row_block, g = item % groups;
           const int64_t rows = std::min(row_block, R - r0);
           for (int64_t r = 0; r < rows; ++r) {
-            if (asymmetric) {
+            if (cs) {
               quantize_row_asym(avx, xd + (r0 + r) * ldx, K, a + r * Kp, &sx[r], &zero[r]);
             } else {
               quantize_row(avx, xd + (r0 + r) * ldx, K, a + r * Kp, &sx[r]);
@@ -114,8 +112,8 @@ void int8_linear_vnni_cpu(const at::Tensor& x, const at::Tensor& packed, const a
                                         reinterpret_cast<const signed char*>(wd + t * Kp * kTileN), tile,
                                         true);
             for (int64_t r = 0; r < rows; ++r) {
-              dequantize_row_act(act, avx, native_bf16, tile + r * kTileN, (asymmetric ? col_sum : cd) + n0,
-                                 asymmetric ? zero[r] : 1, n_out, sx[r], sw + n0, bd + n0, od + (r0 + r) * ldo + n0);
+              dequantize_row_act(act, avx, native_bf16, tile + r * kTileN, (cs ? cs : cd) + n0,
+                                 cs ? zero[r] : 1, n_out, sx[r], sw + n0, bd + n0, od + (r0 + r) * ldo + n0);
             }
           }
         }

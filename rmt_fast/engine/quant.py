@@ -251,10 +251,9 @@ class Int8Linear:
         # took 2.3x the CPU time of 8 single segments, docs/PERF.md); at most ROW_BLOCK rows, fewer
         # where that leaves a thread without a block.
         block = min(ROW_BLOCK, max(16, -(-rows.shape[0] // torch.get_num_threads())))
-        asym = self.col_sum is not None
         if self._act is None and self.kernel == "vnni":   # one op, the dequantize in the GEMM's tiles
             _ext.int8_linear_vnni(rows, self.packed, self.comp, self.weight_scale, self.bias, self._fused, block, out,
-                                  asym)
+                                  self.col_sum)
         elif self._act is None:              # one op: quantize, GEMM, dequantize + activation + cast
             _ext.int8_linear(rows, self.qweight_t, self.weight_scale, self.bias, self._fused, block, out,
                              self.col_sum)
