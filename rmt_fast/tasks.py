@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -292,11 +292,17 @@ class TaskGenerator:
                       question_span=(n_text - len(q_ids), n_text), n_segments=n_segments, task=task,
                       facts=tuple(facts), question=question)
 
-    def samples(self, n_segments: int, indices: Sequence[int]) -> List[Sample]:
-        return [self.sample(n_segments, i) for i in indices]
+    def samples(self, n_segments: Union[int, Sequence[int]], indices: Sequence[int]) -> List[Sample]:
+        """Sample i of indices has n_segments segments, or n_segments[i] where a sequence is given."""
+        if isinstance(n_segments, int):
+            n_segments = [n_segments] * len(indices)
+        if len(n_segments) != len(indices):
+            raise ValueError(f"{len(n_segments)} segment counts for {len(indices)} samples")
+        return [self.sample(n, i) for n, i in zip(n_segments, indices)]
 
-    def batch(self, n_segments: int, indices: Sequence[int]) -> Tuple[List[torch.Tensor], torch.Tensor]:
-        """(list of id tensors, labels [B] int64) for the given sample indices."""
+    def batch(self, n_segments: Union[int, Sequence[int]],
+              indices: Sequence[int]) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """(list of id tensors, labels [B] int64) for the given sample indices (segment counts as samples)."""
         ss = self.samples(n_segments, indices)
         return [s.input_ids for s in ss], torch.tensor([s.label for s in ss], dtype=torch.int64)
 

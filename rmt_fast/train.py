@@ -4,7 +4,9 @@ The curriculum (section 4 of the report): train at ``min_segments`` segments; a 
 validation accuracy reaches ``threshold`` or the stage's step budget runs out; the next stage has one
 more segment and starts from the previous stage's *best* checkpoint, with a fresh AdamW and a fresh
 linear warm-up/decay schedule. Gradients flow through the memory across all segments (``bptt_depth=-1``), or
-through the current segment and the ``bptt_depth`` before it.
+through the current segment and the ``bptt_depth`` before it. With ``mixed_lengths`` a stage of n segments
+trains on samples of ``min_segments``..n segments (each sample's count drawn uniformly, by its index), so
+that what shorter inputs taught is kept; it is still validated at n.
 
 Output directory::
 
@@ -35,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from . import checkpoints, distributed, files
@@ -53,6 +56,15 @@ def lr_lambda(warmup: int, total: int):
             return (step + 1) / warmup
         return max(0.0, (total - step) / max(1, total - warmup))
     return f
+
+
+def sample_lengths(cfg: TrainConfig, stage: int, indices) -> list:
+    """The segment count of each training sample of a stage: the stage's own, or with mixed_lengths one
+    drawn uniformly from min_segments..stage, fixed by (seed, stage, sample index)."""
+    if not cfg.mixed_lengths:
+        return [stage] * len(indices)
+    lo = min(cfg.min_segments, stage)
+    return [int(np.random.default_rng([cfg.seed, stage, i]).integers(lo, stage + 1)) for i in indices]
 
 
 def validation_counts(model, gen: T.TaskGenerator, n_segments: int, n_samples: int, batch_size: int,
@@ -263,7 +275,7 @@ class Trainer:
                 # Sample i of step t of stage n is the same whatever the number of processes.
                 base = (n * 1_000_003 + state["step"]) * cfg.batch_size
                 idx = [base + self.rank + self.world * j for j in range(per_rank)]
-                docs, labels = train_gen.batch(n, idx)
+                docs, labels = train_gen.batch(sample_lengths(cfg, n, idx), idx)
                 loss, correct = self._step(net, model, opt, sched, docs, labels, autocast)
                 state["step"] += 1
                 state["total_steps"] += 1
@@ -353,6 +365,9 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                    "max_grad_norm": positive_float}
     for name, parse in float_types.items():
         p.add_argument(flag(name), type=parse, default=getattr(d, name))
+    p.add_argument("--mixed-lengths", action="store_true",
+                   help="a stage of n segments trains on samples of --min-segments..n segments (uniformly), "
+                        "not n alone; validation stays at n")
     p.add_argument("--select-on", type=_task_list, default=None,
                    help="comma-separated tasks whose validation accuracy picks each stage's best model and is "
                         "held against --threshold (default: all the tasks trained on)")

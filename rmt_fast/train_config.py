@@ -33,6 +33,7 @@ class TrainConfig:
     bptt_depth: int = -1
     min_segments: int = 1
     max_segments: int = 5
+    mixed_lengths: bool = False         # stage n trains on samples of min_segments..n segments, not n alone
     threshold: float = 0.99
     select_on: Tuple[str, ...] = ()     # tasks whose validation accuracy picks the best and meets the threshold
     stage_steps: int = 1000
