@@ -294,7 +294,7 @@ class TaskGenerator:
 
     def samples(self, n_segments: Union[int, Sequence[int]], indices: Sequence[int]) -> List[Sample]:
         """Sample i of indices has n_segments segments, or n_segments[i] where a sequence is given."""
-        if isinstance(n_segments, int):
+        if isinstance(n_segments, (int, np.integer)):
             n_segments = [n_segments] * len(indices)
         if len(n_segments) != len(indices):
             raise ValueError(f"{len(n_segments)} segment counts for {len(indices)} samples")

@@ -63,8 +63,7 @@ def sample_lengths(cfg: TrainConfig, stage: int, indices) -> list:
     drawn uniformly from min_segments..stage, fixed by (seed, stage, sample index)."""
     if not cfg.mixed_lengths:
         return [stage] * len(indices)
-    lo = min(cfg.min_segments, stage)
-    return [int(np.random.default_rng([cfg.seed, stage, i]).integers(lo, stage + 1)) for i in indices]
+    return [int(np.random.default_rng([cfg.seed, stage, i]).integers(cfg.min_segments, stage + 1)) for i in indices]
 
 
 def validation_counts(model, gen: T.TaskGenerator, n_segments: int, n_samples: int, batch_size: int,
